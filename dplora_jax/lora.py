@@ -1,0 +1,166 @@
+"""LoRA as its own pytree.
+
+`add_lora` attaches factors A [in, r] and B [r, out] (stacked over layers) to the targeted Dense
+layers of a model; `split` separates the model into (graphdef, lora, frozen) so that pure
+functions can take and differentiate the LoRA pytree alone:
+
+    graphdef, lora, frozen = lora_lib.split(model)
+    logits = apply(graphdef, lora, frozen, tokens, mask)
+
+delta W = scaling * A @ B with scaling = alpha / r (alpha / sqrt(r) with rsLoRA), B = 0 at init, so
+the adapted model starts exactly at the base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dplora_jax.models import layers
+from dplora_jax.models.loading import FAMILY_MODULES
+
+PyTree = Any
+INITS = ("kaiming", "gaussian")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """LoRA hyper-parameters.
+
+  Attributes:
+    rank: r, > 0 and <= min(in, out) of every targeted layer.
+    alpha: scaling numerator (PEFT's lora_alpha).
+    targets: module names ("q", "k", "v", "o", "gate", "up", "down" for Llama; "c_attn", ... for
+      GPT-2; PEFT names like "q_proj" are accepted). Empty = the family's default.
+    use_rslora: scaling alpha / sqrt(r) instead of alpha / r.
+    init: A's initialiser, "kaiming" (PEFT's kaiming-uniform) or "gaussian" (std 1/r).
+    freeze_a: keep A at its initial value and train B only (FFA-LoRA).
+  """
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ()
+  use_rslora: bool = False
+  init: str = "kaiming"
+  freeze_a: bool = False
+
+  def __post_init__(self):
+    if int(self.rank) <= 0:
+      raise ValueError(f"lora.rank={self.rank}; expected an integer > 0.")
+    if self.init not in INITS:
+      raise ValueError(f"lora.init={self.init!r}; expected one of {INITS}.")
+    if not float(self.alpha) > 0:
+      raise ValueError(f"lora.alpha={self.alpha}; expected > 0.")
+
+  @property
+  def scaling(self) -> float:
+    return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def resolve_targets(model: nnx.Module, targets: tuple[str, ...]) -> list[str]:
+  """Canonical target names for the model's family.
+
+  Raises:
+    ValueError: a name the family does not have (lists the valid ones).
+  """
+  fam = FAMILY_MODULES[model.family]
+  targets = tuple(targets) or fam.DEFAULT_LORA_TARGETS
+  out = []
+  for t in targets:
+    name = fam.TARGET_ALIASES.get(t, t)
+    if name not in fam.LORA_TARGETS:
+      valid = sorted(set(fam.LORA_TARGETS) | set(fam.TARGET_ALIASES))
+      raise ValueError(f"lora.targets: unknown target {t!r} for a {model.family} model; "
+                       f"expected some of {valid}.")
+    if name not in out:
+      out.append(name)
+  return out
+
+
+def target_modules(model: nnx.Module, targets: tuple[str, ...]) -> dict[str, layers.Dense]:
+  """Target name -> the stacked Dense layer it adapts."""
+  fam = FAMILY_MODULES[model.family]
+  out = {}
+  for name in resolve_targets(model, targets):
+    group, attr = fam.LORA_TARGETS[name]
+    out[name] = getattr(getattr(model.layers, group), attr)
+  return out
+
+
+def add_lora(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> nnx.Module:
+  """Attaches LoRA factors to `model` in place and returns it.
+
+  A [L, in, r] is drawn from `key` (kaiming-uniform bound 1/sqrt(in) as PEFT, or N(0, 1/r^2));
+  B [L, r, out] is zero, so the adapted model equals the base model.
+
+  Raises:
+    ValueError: unknown target, or rank larger than a targeted layer's dimensions.
+  """
+  mods = target_modules(model, cfg.targets)
+  for i, (name, dense) in enumerate(mods.items()):
+    stack = dense.kernel.shape[:-2]
+    d_in, d_out = dense.in_features, dense.out_features
+    if cfg.rank > min(d_in, d_out):
+      raise ValueError(f"lora.rank={cfg.rank} exceeds min(in, out)={min(d_in, d_out)} of target "
+                       f"{name!r} ([{d_in}, {d_out}]).")
+    k = jax.random.fold_in(key, i)
+    dtype = dense.kernel[...].dtype
+    if cfg.init == "kaiming":
+      bound = 1.0 / math.sqrt(d_in)
+      a = jax.random.uniform(k, (*stack, d_in, cfg.rank), jnp.float32, -bound, bound)
+    else:
+      a = jax.random.normal(k, (*stack, d_in, cfg.rank), jnp.float32) / cfg.rank
+    a_type = layers.FrozenLoRAParam if cfg.freeze_a else layers.LoRAParam
+    dense.lora_a = a_type(a.astype(dtype))
+    dense.lora_b = layers.LoRAParam(jnp.zeros((*stack, cfg.rank, d_out), dtype))
+    dense.lora_scaling = float(cfg.scaling)
+  return model
+
+
+def split(model: nnx.Module):
+  """(graphdef, lora, frozen): `lora` holds exactly the trainable LoRA factors."""
+  return nnx.split(model, layers.LoRAParam, ...)
+
+
+def merge(graphdef, lora: PyTree, frozen: PyTree) -> nnx.Module:
+  return nnx.merge(graphdef, lora, frozen)
+
+
+def apply(graphdef, lora: PyTree, frozen: PyTree, tokens: jax.Array,
+          mask: jax.Array | None = None) -> jax.Array:
+  """Pure forward: logits [B, T, V] float32 of tokens [B, T] with the given LoRA."""
+  return nnx.merge(graphdef, lora, frozen)(tokens, mask)
+
+
+def count_params(lora: PyTree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(lora)))
+
+
+def nbytes(lora: PyTree) -> int:
+  """Bytes of the pytree in its actual dtypes (what travels over the network)."""
+  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(lora)))
+
+
+def adapted_denses(model: nnx.Module) -> dict[tuple, layers.Dense]:
+  """Path -> every Dense that carries LoRA factors."""
+  return {path: m for path, m in model.iter_modules()
+          if isinstance(m, layers.Dense) and m.lora_a is not None}
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+  """A copy of `model` with W <- W + scaling * A @ B folded in and the factors removed."""
+  model = nnx.clone(model)
+  for dense in adapted_denses(model).values():
+    w = dense.kernel[...]
+    delta = jnp.einsum("...ir,...ro->...io", dense.lora_a[...].astype(jnp.float32),
+                       dense.lora_b[...].astype(jnp.float32)) * dense.lora_scaling
+    dense.kernel = nnx.Param((w.astype(jnp.float32) + delta).astype(w.dtype))
+    dense.lora_a = None
+    dense.lora_b = None
+    dense.lora_scaling = 0.0
+  return model

