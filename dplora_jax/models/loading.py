@@ -105,6 +105,19 @@ def load_model(path_or_alias: str, *, dtype: str = "float32", param_dtype: str =
   raise ValueError(f"{path}: expected a model directory (config.json) or a .gguf file.")
 
 
+def load_tokenizer(path_or_alias: str):
+  """The tokenizer of a model directory, GGUF file or alias, without loading weights."""
+  path = resolve_path(path_or_alias)
+  if os.path.isdir(path):
+    return tokenizer_lib.tokenizer_from_dir(path)
+  import gguf
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:
+    raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}).") from e
+  return tokenizer_lib.tokenizer_from_gguf_fields(read_gguf_fields(reader), path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Filling an abstract model from named tensors.
 

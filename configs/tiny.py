@@ -1,0 +1,36 @@
+"""A random-initialised tiny Llama on a slice of TFNS: seconds to run (tests, smoke checks).
+
+  python -m launch.train --config configs/tiny.py --workdir /tmp/tiny
+"""
+
+from configs.common import apply_args, base_config
+
+ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "clients": "fed.num_clients",
+        "rounds": "fed.rounds", "mode": "dp.mode"}
+
+
+def get_config(arg: str | None = None):
+  c = base_config()
+  c.model.random_init = True
+  c.model.tokenizer = "smollm2-135m-instruct"
+  c.model.hidden_size = 32
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.intermediate_size = 64
+  c.lora.rank = 4
+  c.data.max_train_examples = 400
+  c.data.max_length = 48
+  c.data.eval_examples = 32
+  c.data.batch_size = 8
+  c.optim.microbatch_size = 8
+  c.optim.learning_rate = 2.0
+  c.dp.clip_norm = 1.0
+  c.dp.target_epsilon = 8.0
+  c.dp.delta = 1e-4
+  c.fed.num_clients = 4
+  c.fed.rounds = 5
+  c.fed.local_steps = 2
+  apply_args(c, arg, ARGS)
+  c.lock()
+  return c

@@ -1,0 +1,1 @@
+"""Task data: local files -> prompts -> fixed-length token arrays."""

@@ -1,0 +1,92 @@
+"""Host-side samplers that keep device shapes fixed.
+
+Per local step each client draws a Poisson sample of its examples (each included independently
+with probability q = expected_batch / n_k). The device program always sees `max_batch` slots: the
+sample's indices followed by padding with a False mask. A sample larger than `max_batch` is cut to
+a uniformly random subset of `max_batch` (an over-full sample).
+
+Over-full samples and the privacy guarantee (conservative, stated in `truncation_delta`): the
+truncated mechanism differs from the exact Poisson mechanism only on runs where some step of some
+neighbouring dataset overflows. Coupling the two, a run that is (eps, delta)-DP under exact
+Poisson sampling is (eps, delta + (1 + e^eps) * T * beta)-DP with truncation, where T is the
+number of steps and beta = P(Binomial(n + 1, q) > max_batch) (n + 1 covers the added example).
+`max_batch` is chosen so this term is a small fraction of delta and reported in the summary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+
+def overflow_probability(n: int, q: float, max_batch: int) -> float:
+  """P(Binomial(n + 1, q) > max_batch): one step of a neighbouring dataset overflows."""
+  return float(stats.binom.sf(max_batch, n + 1, q))
+
+
+def truncation_delta(n: int, q: float, max_batch: int, steps: int, epsilon: float) -> float:
+  """The delta charged for cutting over-full samples over `steps` steps (module docstring)."""
+  if not math.isfinite(epsilon):
+    return 0.0
+  return (1.0 + math.exp(min(epsilon, 700.0))) * steps * overflow_probability(n, q, max_batch)
+
+
+def choose_max_batch(n: int, q: float, steps: int, epsilon: float, budget: float,
+                     multiple: int) -> int:
+  """Smallest multiple of `multiple` whose truncation delta is <= budget (capped at n + 1)."""
+  b = multiple * max(1, math.ceil(n * q / multiple))
+  while b < n + 1 and truncation_delta(n, q, b, steps, epsilon) > budget:
+    b += multiple
+  return b
+
+
+class PoissonSampler:
+  """Per-client Poisson sampling into fixed-size index/mask arrays, seeded on the host."""
+
+  def __init__(self, client_sizes: list[int], expected_batch: int, max_batch: int,
+               seed: int, poisson: bool = True):
+    self.sizes = list(client_sizes)
+    self.expected_batch = expected_batch
+    self.max_batch = max_batch
+    self.poisson = poisson
+    self.rng = np.random.default_rng(seed)
+    self.overflows = 0  # count of over-full samples seen (host statistics only)
+
+  def rate(self, k: int) -> float:
+    return min(1.0, self.expected_batch / self.sizes[k])
+
+  def sample(self, num_steps: int, num_slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices [K_slots, steps, max_batch] int32 and mask of the same shape (bool).
+
+    Slots beyond the real clients (device padding) get all-False masks.
+    """
+    idx = np.zeros((num_slots, num_steps, self.max_batch), np.int32)
+    valid = np.zeros((num_slots, num_steps, self.max_batch), bool)
+    for k, n in enumerate(self.sizes):
+      for s in range(num_steps):
+        if self.poisson:
+          chosen = np.flatnonzero(self.rng.random(n) < self.rate(k))
+        else:  # fixed-size batch without replacement (non-private baselines)
+          chosen = self.rng.choice(n, size=min(self.expected_batch, n), replace=False)
+        if len(chosen) > self.max_batch:
+          self.overflows += 1
+          chosen = self.rng.choice(chosen, size=self.max_batch, replace=False)
+        idx[k, s, :len(chosen)] = chosen
+        valid[k, s, :len(chosen)] = True
+    return idx, valid
+
+  def state(self) -> dict:
+    return {"rng": self.rng.bit_generator.state, "overflows": self.overflows}
+
+  def restore(self, state: dict):
+    self.rng.bit_generator.state = state["rng"]
+    self.overflows = state["overflows"]
+
+
+def sample_clients(rng: np.random.Generator, num_clients: int, rate: float) -> np.ndarray:
+  """Poisson client participation [K] bool (all True when rate == 1)."""
+  if rate >= 1.0:
+    return np.ones((num_clients,), bool)
+  return rng.random(num_clients) < rate

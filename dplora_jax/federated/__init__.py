@@ -1,0 +1,1 @@
+"""Federated learning: partitioning, the compiled round, aggregation."""

@@ -1,0 +1,158 @@
+"""One client's local training: per-example DP-SGD on the LoRA pytree, steps under lax.scan."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dplora_jax import lora as lora_lib
+from dplora_jax.dp import clipping, noise
+
+PyTree = Any
+
+
+def example_loss(graphdef, lora: PyTree, frozen: PyTree, tokens: jax.Array, mask: jax.Array,
+                 targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """Causal-LM loss of one example, averaged over its response (label) tokens.
+
+  Args:
+    tokens, mask, targets, loss_mask: [T] arrays of one example.
+  """
+  logits = lora_lib.apply(graphdef, lora, frozen, tokens[None], mask[None])[0]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+  w = loss_mask.astype(jnp.float32)
+  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSpec:
+  """Static description of a client's local step (hashable; closed over by the jitted round).
+
+  Attributes:
+    private: clip + noise (dp.mode = "sample") or plain mean gradients (dp.mode = "none").
+    clip_norm: C.
+    noise_multiplier: sigma.
+    expected_batch: B, the divisor of the noised sum (never the realised sample size).
+    microbatch: per-example gradients computed this many at a time (lax.scan).
+    local_steps: S.
+  """
+  private: bool
+  clip_norm: float
+  noise_multiplier: float
+  expected_batch: int
+  microbatch: int
+  local_steps: int
+
+
+def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
+                          valid: jax.Array):
+  """Sum over valid examples of (clipped) per-example gradients, in microbatches.
+
+  Args:
+    batch: dict of [Bmax, T] arrays (tokens, mask, targets, loss_mask).
+    valid: [Bmax] bool.
+
+  Returns:
+    (grad_sum pytree, stats dict with loss_sum, count, clipped, sensitivity).
+
+  Formal guarantee (private): the sum changes by at most C in L2 norm when one valid example is
+  added or removed (see `clipping.clip_and_sum`); padded rows contribute exactly zero.
+  """
+  grad_fn = jax.vmap(jax.value_and_grad(example_loss, argnums=1),
+                     in_axes=(None, None, None, 0, 0, 0, 0))
+  bmax = valid.shape[0]
+  mb = spec.microbatch
+  split = lambda x: x.reshape(bmax // mb, mb, *x.shape[1:])
+  xs = (jax.tree.map(split, batch), split(valid))
+
+  def body(acc, chunk):
+    b, v = chunk
+    losses, grads = grad_fn(graphdef, lora, frozen, b["tokens"], b["mask"], b["targets"],
+                            b["loss_mask"])
+    if spec.private:
+      summed, _, _, n_clipped = clipping.clip_and_sum(grads, v, spec.clip_norm)
+    else:
+      vf = v.astype(jnp.float32)
+      summed = jax.tree.map(lambda g: jnp.einsum("b,b...->...", vf, g.astype(jnp.float32)), grads)
+      n_clipped = jnp.int32(0)
+    acc_g, loss_sum, n_clip = acc
+    acc_g = jax.tree.map(jnp.add, acc_g, summed)
+    return (acc_g, loss_sum + jnp.sum(jnp.where(v, losses, 0.0)), n_clip + n_clipped), None
+
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), lora)
+  (g, loss_sum, n_clipped), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.int32(0)), xs)
+  return g, {"loss_sum": loss_sum, "count": jnp.sum(valid), "clipped": n_clipped}
+
+
+def privatized_gradient(graphdef, spec: ClientSpec, lora, frozen, batch, valid, key):
+  """One step's gradient estimate: (clipped sum + N(0, (sigma C)^2)) / B.
+
+  Formal guarantee (private): the Gaussian mechanism with L2 sensitivity C and noise multiplier
+  sigma on the Poisson sample's clipped sum; dividing by the fixed expected batch B is
+  post-processing. Non-private: the mean gradient over the valid examples.
+  """
+  g_sum, stats = per_example_grads_sum(graphdef, spec, lora, frozen, batch, valid)
+  if spec.private:
+    noised, z = noise.add_gaussian_noise(key, g_sum, jnp.float32(spec.clip_norm),
+                                         spec.noise_multiplier)
+    grad = jax.tree.map(lambda x: x / spec.expected_batch, noised)
+    stats["noise_norm"] = clipping.global_norm(z) / spec.expected_batch
+    stats["signal_norm"] = clipping.global_norm(g_sum) / spec.expected_batch
+  else:
+    denom = jnp.maximum(stats["count"], 1).astype(jnp.float32)
+    grad = jax.tree.map(lambda x: x / denom, g_sum)
+    stats["noise_norm"] = jnp.float32(0)
+    stats["signal_norm"] = clipping.global_norm(grad)
+  return grad, stats
+
+
+def make_client_optimizer(name: str, learning_rate: float, weight_decay: float):
+  if name == "sgd":
+    return optax.sgd(learning_rate)
+  if name == "adamw":
+    return optax.adamw(learning_rate, weight_decay=weight_decay)
+  raise ValueError(f"optim.optimizer={name!r}; expected 'sgd' or 'adamw'.")
+
+
+def local_train(graphdef, spec: ClientSpec, tx: optax.GradientTransformation,
+                lora, frozen, data: dict, idx: jax.Array, valid: jax.Array, key: jax.Array):
+  """Runs `local_steps` DP-SGD steps of one client from the global LoRA.
+
+  Args:
+    data: the client's examples, dict of [n_max, T] arrays.
+    idx, valid: [S, Bmax] sampled indices and their mask.
+    key: this client's noise key for this round; step s uses fold_in(key, s).
+
+  Returns:
+    (delta = local LoRA - global LoRA, per-client stats averaged over steps).
+  """
+  opt_state = tx.init(lora)
+
+  def step(carry, xs):
+    params, opt_state = carry
+    s, step_idx, step_valid = xs
+    batch = jax.tree.map(lambda a: jnp.take(a, step_idx, axis=0), data)
+    grad, stats = privatized_gradient(graphdef, spec, params, frozen, batch, step_valid,
+                                      jax.random.fold_in(key, s))
+    updates, opt_state = tx.update(grad, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, opt_state), stats
+
+  (local, _), stats = jax.lax.scan(step, (lora, opt_state),
+                                   (jnp.arange(spec.local_steps), idx, valid))
+  delta = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), local, lora)
+  count = jnp.maximum(jnp.sum(stats["count"]), 1)
+  out = {"loss": jnp.sum(stats["loss_sum"]) / count,
+         "clip_fraction": jnp.sum(stats["clipped"]) / count,
+         "noise_norm": jnp.mean(stats["noise_norm"]),
+         "signal_norm": jnp.mean(stats["signal_norm"]),
+         "examples": jnp.sum(stats["count"])}
+  return delta, out
+
+
+ClientFn = Callable[..., tuple[PyTree, dict]]

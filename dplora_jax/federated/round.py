@@ -1,0 +1,119 @@
+"""The federated round as ONE compiled SPMD program.
+
+devices: `jax.shard_map` over the mesh axis "clients"; clients on a device: `jax.vmap`; local steps:
+`lax.scan`; per-example gradients: `vmap(grad)` in `lax.scan` microbatches. The weighted sum of
+client deltas is a `psum`; the server optimizer runs in the same jitted function.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dplora_jax.federated import client as client_lib
+
+PyTree = Any
+AXIS = "clients"
+
+
+class RoundState(NamedTuple):
+  """What changes across rounds (and is checkpointed): never the frozen base weights."""
+  round: jax.Array  # int32 scalar: rounds completed
+  lora: PyTree
+  server_opt: PyTree
+
+
+def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+  n = num_devices or jax.device_count()
+  return jax.make_mesh((n,), (AXIS,), devices=jax.devices()[:n])
+
+
+def make_server_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+  """FedAvg (SGD on the negated average delta; lr 1 = plain averaging) or FedAdam."""
+  if name == "fedavg":
+    return optax.sgd(learning_rate)
+  if name == "fedadam":
+    return optax.adam(learning_rate, b1=0.9, b2=0.99, eps=1e-3)
+  raise ValueError(f"fed.server_optimizer={name!r}; expected 'fedavg' or 'fedadam'.")
+
+
+def init_state(lora: PyTree, server_tx: optax.GradientTransformation) -> RoundState:
+  return RoundState(jnp.int32(0), lora, server_tx.init(lora))
+
+
+def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx, mesh):
+  """Builds `round_step(state, frozen, data, idx, valid, weights, client_ids, noise_key)`.
+
+  Args (of the returned function):
+    state: RoundState (donated).
+    frozen: frozen base weights (replicated, never donated).
+    data: dict of [K, n_max, T] client examples, sharded over "clients".
+    idx, valid: [K, S, Bmax] sampled example indices and masks.
+    weights: [K] float aggregation weights; 0 for unsampled and padding clients.
+    client_ids: [K] int32 global client ids (noise keys derive from them).
+    noise_key: the run's DP-noise key; a client's key for round r is
+      fold_in(fold_in(noise_key, r), client_id), and step s uses fold_in(that, s).
+
+  Returns:
+    (new state, metrics dict of scalars).
+
+  Formal guarantee: each client's update is `client_lib.local_train`, whose every step is a
+  Gaussian mechanism on a Poisson sample of that client's examples; the aggregation and server
+  optimizer only post-process those releases. Zero-weight clients contribute exactly zero.
+  """
+  local = functools.partial(client_lib.local_train, graphdef, spec, client_tx)
+
+  def per_device(lora, frozen, data, idx, valid, weights, client_ids, round_key):
+    keys = jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
+    deltas, stats = jax.vmap(local, in_axes=(None, None, 0, 0, 0, 0))(
+        lora, frozen, data, idx, valid, keys)
+    # where(), not multiplication: a padded client's delta is excluded exactly, even if non-finite.
+    w = weights.astype(jnp.float32)
+    take = w > 0
+    weighted = jax.tree.map(
+        lambda d: jnp.einsum("k,k...->...", w, jnp.where(
+            take.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0)), deltas)
+    part = take.astype(jnp.float32)
+    sums = {k: jnp.sum(jnp.where(take, v, 0.0)) for k, v in stats.items()}
+    sums["participants"] = jnp.sum(part)
+    sums["weight"] = jnp.sum(w)
+    return jax.lax.psum((weighted, sums), AXIS)
+
+  sharded = jax.shard_map(
+      per_device, mesh=mesh,
+      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P()),
+      out_specs=P(), check_vma=False)  # client scans start from replicated zeros
+
+  def round_step(state: RoundState, frozen, data, idx, valid, weights, client_ids, noise_key):
+    round_key = jax.random.fold_in(noise_key, state.round)
+    weighted, sums = sharded(state.lora, frozen, data, idx, valid, weights, client_ids,
+                             round_key)
+    denom = jnp.maximum(sums["weight"], 1e-12)
+    avg_delta = jax.tree.map(lambda d: d / denom, weighted)
+    neg = jax.tree.map(jnp.negative, avg_delta)
+    updates, server_opt = server_tx.update(neg, state.server_opt, state.lora)
+    new_lora = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype),
+                            state.lora, updates)
+    n = jnp.maximum(sums["participants"], 1.0)
+    metrics = {"loss": sums["loss"] / n, "clip_fraction": sums["clip_fraction"] / n,
+               "noise_norm": sums["noise_norm"] / n, "signal_norm": sums["signal_norm"] / n,
+               "participants": sums["participants"],
+               "update_norm": jnp.sqrt(sum(jnp.sum(jnp.square(u.astype(jnp.float32)))
+                                           for u in jax.tree.leaves(updates)))}
+    return RoundState(state.round + 1, new_lora, server_opt), metrics
+
+  return jax.jit(round_step, donate_argnums=(0,))
+
+
+def shard_clients(mesh, tree: PyTree) -> PyTree:
+  """Places arrays with a leading client axis on the mesh (split over "clients")."""
+  return jax.device_put(tree, NamedSharding(mesh, P(AXIS)))
+
+
+def replicate(mesh, tree: PyTree) -> PyTree:
+  return jax.device_put(tree, NamedSharding(mesh, P()))

@@ -1,0 +1,42 @@
+"""Run outputs: metrics.jsonl lines and the communication ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of a pytree of arrays in their actual dtypes."""
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+class Communication:
+  """Bytes sent up (client -> server) and down (server -> client), per round and in total."""
+
+  def __init__(self, lora_bytes: int, full_model_bytes: int):
+    self.lora_bytes = lora_bytes
+    self.full_model_bytes = full_model_bytes
+    self.up_total = 0
+    self.down_total = 0
+
+  def record_round(self, participants: int) -> tuple[int, int]:
+    up = self.lora_bytes * participants
+    down = self.lora_bytes * participants  # the global LoRA goes to every sampled client
+    self.up_total += up
+    self.down_total += down
+    return up, down
+
+
+class JsonlWriter:
+
+  def __init__(self, path: str):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    self.path = path
+
+  def write(self, record: dict):
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
