@@ -10,6 +10,7 @@ The truncation of over-full Poisson samples is charged to delta (see `dp.samplin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -22,6 +23,18 @@ from dplora_jax.dp import sampling
 RDP_ORDERS = ([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
               + [80, 96, 128, 256, 512, 1024])
 SIGMA_MAX = 1000.0
+
+
+@contextlib.contextmanager
+def _quiet():
+  """dp-accounting logs a warning for each RDP order whose series does not converge and drops
+  that order; dropping orders can only raise eps (conservative), so the line is noise here."""
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
 
 
 def make_accountant(kind: str = "rdp"):
@@ -45,19 +58,11 @@ def dpsgd_event(sampling_rate: float, noise_multiplier: float, steps: int):
 
 
 def epsilon(event, delta: float, kind: str = "rdp") -> float:
-  """The eps of `event` at `delta`.
-
-  dp-accounting drops RDP orders whose series does not converge (a logged warning); dropping an
-  order can only raise eps, so it stays conservative. We silence that log line.
-  """
+  """The eps of `event` at `delta`."""
   if isinstance(event, dp_accounting.NonPrivateDpEvent):
     return math.inf
-  level = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.ERROR)
-  try:
+  with _quiet():
     return float(make_accountant(kind).compose(event).get_epsilon(delta))
-  finally:
-    absl_logging.set_verbosity(level)
 
 
 def dpsgd_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float,
@@ -76,10 +81,11 @@ def calibrate_noise(sampling_rate: float, steps: int, target_epsilon: float, del
     raise ValueError(f"{field}={target_epsilon} is unreachable: even sigma={SIGMA_MAX} gives more "
                      f"over {steps} steps at q={sampling_rate:.4g}, delta={delta}; raise the "
                      "target, or lower the rounds/steps/batch.")
-  return float(dp_accounting.calibrate_dp_mechanism(
-      lambda: make_accountant(kind), lambda s: dpsgd_event(sampling_rate, s, steps),
-      target_epsilon, delta,
-      bracket_interval=dp_accounting.ExplicitBracketInterval(1e-3, SIGMA_MAX), tol=1e-4))
+  with _quiet():
+    return float(dp_accounting.calibrate_dp_mechanism(
+        lambda: make_accountant(kind), lambda s: dpsgd_event(sampling_rate, s, steps),
+        target_epsilon, delta,
+        bracket_interval=dp_accounting.ExplicitBracketInterval(1e-3, SIGMA_MAX), tol=1e-4))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,7 +107,10 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
                                            for u in jax.tree.leaves(updates)))}
     return RoundState(state.round + 1, new_lora, server_opt), metrics
 
-  return jax.jit(round_step, donate_argnums=(0,))
+  # Pin the state's sharding (replicated) so round 2 sees exactly round 1's input layout and the
+  # program compiles once.
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(round_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
 
 
 def shard_clients(mesh, tree: PyTree) -> PyTree:

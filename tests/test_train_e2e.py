@@ -1,0 +1,73 @@
+"""End to end on the tiny config: loss falls, LoRA moves, the summary is consistent."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from dplora_jax import config as config_lib, train
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("tiny"))
+  cfg = config_lib.from_config_dict(tiny.get_config("rounds=6"))
+  return wd, cfg, train.run(cfg, wd, progress=False)
+
+
+def test_loss_falls_and_lora_moves(result):
+  wd, cfg, summary = result
+  lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert [l["round"] for l in lines] == list(range(1, 7))
+  losses = [l["loss"] for l in lines]
+  assert np.mean(losses[-2:]) < losses[0] - 0.05
+  b = [np.asarray(x) for x in jax.tree.leaves(summary["_lora"])]
+  assert any(np.abs(x).max() > 0 for x in b)  # B started at zero
+
+
+def test_summary_consistent(result):
+  wd, cfg, summary = result
+  on_disk = json.load(open(os.path.join(wd, "summary.json")))
+  for key in ("mode", "epsilon", "delta", "noise_multiplier", "accountant", "rounds", "clients",
+              "clients_per_round", "local_steps", "lora_params", "bytes_up_total",
+              "bytes_down_total", "full_model_bytes", "eval"):
+    assert key in on_disk
+  assert on_disk["epsilon"] <= cfg.dp.target_epsilon
+  assert on_disk["epsilon"] >= 0.99 * cfg.dp.target_epsilon
+  assert on_disk["delta"] <= cfg.dp.delta
+  assert on_disk["bytes_up_total"] == on_disk["lora_bytes"] * cfg.fed.num_clients * cfg.fed.rounds
+  assert on_disk["lora_bytes"] == 4 * on_disk["lora_params"]
+  lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  eps = [l["epsilon"] for l in lines]
+  assert eps == sorted(eps) and eps[-1] == pytest.approx(on_disk["epsilon"])
+  for part in ("before", "after"):
+    assert set(on_disk["eval"][part]) >= {"accuracy", "f1_macro"}
+
+
+def test_lr_zero_is_refused(tmp_path):
+  c = tiny.get_config("rounds=2")
+  with c.unlocked():
+    c.optim.learning_rate = 0.0
+  with pytest.raises(RuntimeError, match="did not move"):
+    train.run(config_lib.from_config_dict(c), str(tmp_path), progress=False)
+
+
+def test_bad_data_errors_before_compiling(tmp_path):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": "fine", "label": 1}\n{"text": "  ", "label": 0}\n')
+  c = tiny.get_config()
+  with c.unlocked():
+    c.data.train_file = str(bad)
+    c.fed.num_clients = 1
+    c.data.batch_size = 1
+    c.dp.delta = 0.1
+    c.dp.allow_large_delta = True
+  with pytest.raises(ValueError, match="record 1 has an empty text"):
+    train.build(config_lib.from_config_dict(c))
+  with c.unlocked():
+    c.data.train_file = str(tmp_path / "missing.jsonl")
+  with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    train.build(config_lib.from_config_dict(c))
