@@ -43,6 +43,9 @@ def make_server_optimizer(name: str, learning_rate: float) -> optax.GradientTran
 
 
 def init_state(lora: PyTree, server_tx: optax.GradientTransformation) -> RoundState:
+  """A fresh state owning a copy of `lora` (the round donates its state; the caller's LoRA
+  arrays stay valid)."""
+  lora = jax.tree.map(jnp.copy, lora)
   return RoundState(jnp.int32(0), lora, server_tx.init(lora))
 
 

@@ -29,8 +29,7 @@ def _setup(num_clients=8, n=6, steps=1, bmax=4, private=True, sigma=1.0, clip=0.
               weights=round_lib.shard_clients(mesh, w),
               client_ids=round_lib.shard_clients(mesh, np.arange(num_clients, dtype=np.int32)),
               noise_key=jax.random.key(42))
-  # the state is donated to the round: give it its own copy of the LoRA
-  state = round_lib.replicate(mesh, round_lib.init_state(jax.tree.map(jnp.copy, lora), server_tx))
+  state = round_lib.replicate(mesh, round_lib.init_state(lora, server_tx))
   return step, state, args, (graphdef, lora, frozen, spec)
 
 

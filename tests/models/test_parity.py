@@ -50,3 +50,14 @@ def test_left_padded_batch_generation_equals_single(tmp_path):
   batch = generate(ours.model, prompts, max_new_tokens=6, eos_id=-1, pad_id=0)
   singles = [generate(ours.model, [p], max_new_tokens=6, eos_id=-1, pad_id=0)[0] for p in prompts]
   assert batch == singles
+
+
+def test_sharded_checkpoint_loads_like_single_file(tmp_path):
+  ref = hf_fixtures.write_hf(tmp_path / "single", "qwen2")
+  ref.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+  assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+  a = load_model(str(tmp_path / "single"), with_tokenizer=False)
+  b = load_model(str(tmp_path / "sharded"), with_tokenizer=False)
+  tokens = np.arange(10, dtype=np.int32)[None]
+  np.testing.assert_array_equal(np.asarray(a.model(tokens)), np.asarray(b.model(tokens)))
+  assert a.fingerprint != b.fingerprint  # different files, different identity
