@@ -29,7 +29,7 @@ def _check(cond: bool, field: str, value: Any, allowed: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelSource:
   """Which base model. `path`: HF directory, .gguf, or alias; or random init for tests."""
   path: str = "smollm2-135m-instruct"
   random_init: bool = False
@@ -151,7 +151,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  model: ModelConfig
+  model: ModelSource
   lora: LoRAConfig
   data: DataConfig
   dp: DPConfig
@@ -166,7 +166,7 @@ class RunConfig:
                        "DP accounting assumes Poisson sampling; use data.sampling='poisson'.")
 
 
-_SECTIONS = {"model": ModelConfig, "lora": LoRAConfig, "data": DataConfig, "dp": DPConfig,
+_SECTIONS = {"model": ModelSource, "lora": LoRAConfig, "data": DataConfig, "dp": DPConfig,
              "fed": FedConfig, "optim": OptimConfig}
 
 

@@ -25,7 +25,7 @@ from dplora_jax.dp import accounting, sampling
 from dplora_jax.federated import client as client_lib, partition as partition_lib
 from dplora_jax.federated import round as round_lib
 from dplora_jax.metrics import Communication, JsonlWriter, tree_bytes
-from dplora_jax.models import ModelConfig as ArchConfig, build_model, load_model, load_tokenizer
+from dplora_jax.models import ModelConfig, build_model, load_model, load_tokenizer
 from dplora_jax.tasks import classification as eval_lib
 
 # Purposes of the root key's children: each stream feeds one thing only.
@@ -52,7 +52,7 @@ def _load(cfg: RunConfig):
   m = cfg.model
   if m.random_init:
     tok = load_tokenizer(m.tokenizer or m.path)
-    arch = ArchConfig(family="llama", vocab_size=len(tok), hidden_size=m.hidden_size,
+    arch = ModelConfig(family="llama", vocab_size=len(tok), hidden_size=m.hidden_size,
                       num_layers=m.num_layers, num_heads=m.num_heads,
                       num_kv_heads=m.num_kv_heads, head_dim=m.hidden_size // m.num_heads,
                       intermediate_size=m.intermediate_size, tie_embeddings=True,
@@ -131,7 +131,11 @@ def _stack_clients(clients, num_slots: int):
 
 
 def run(cfg: RunConfig, workdir: str, *, progress: bool = True) -> dict:
-  """Trains `cfg` and writes workdir/metrics.jsonl and workdir/summary.json; returns the summary."""
+  """Trains `cfg`; writes workdir/metrics.jsonl and workdir/summary.json.
+
+  Returns:
+    The summary dict, plus the final global LoRA pytree under "_lora" (not written to JSON).
+  """
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   s = build(cfg)
