@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dplora_jax.metrics import tree_bytes
 from dplora_jax.models import layers
 from dplora_jax.models.loading import FAMILY_MODULES
 
@@ -142,8 +143,8 @@ def count_params(lora: PyTree) -> int:
 
 
 def nbytes(lora: PyTree) -> int:
-  """Bytes of the pytree in its actual dtypes (what travels over the network)."""
-  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(lora)))
+  """Bytes of the LoRA pytree in its actual dtypes (what travels over the network)."""
+  return tree_bytes(lora)
 
 
 def adapted_denses(model: nnx.Module) -> dict[tuple, layers.Dense]:
