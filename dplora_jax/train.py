@@ -80,9 +80,8 @@ def build(cfg: RunConfig) -> Setup:
     keep = np.sort(np.random.default_rng(1234).choice(len(eval_records), d.eval_examples,
                                                       replace=False))  # fixed eval subset
     eval_records = [eval_records[i] for i in keep]
-  labels = np.asarray([r.get("label", 0) for r in train_records])
-  labels = np.asarray([d.labels.index(x) if isinstance(x, str) and x in d.labels else int(x)
-                       for x in labels]) if len(labels) else labels
+  labels = np.asarray([data_lib.label_id(r.get("label", 0), d.labels, "train data", i)
+                       for i, r in enumerate(train_records)], np.int64)
   field_values = ([r.get(cfg.fed.partition_field) for r in train_records]
                   if cfg.fed.partition == "field" else None)
   parts = partition_lib.partition(labels, cfg.fed.num_clients, method=cfg.fed.partition,
@@ -99,9 +98,8 @@ def build(cfg: RunConfig) -> Setup:
     if d.batch_size > min(sizes):
       raise ValueError(f"data.batch_size={d.batch_size} exceeds the smallest client's "
                        f"{min(sizes)} examples.")
-    if d.sampling == "poisson":
-      max_batch = sampling.choose_max_batch(min(sizes), d.batch_size / min(sizes), 1, 0.0,
-                                            1e-9, mb)
+    if d.sampling == "poisson":  # no privacy: only keep over-full samples rare (1e-9)
+      max_batch = sampling.max_batch_for_clients(sizes, d.batch_size, 1, 0.0, 1e-9, mb)
     else:
       max_batch = int(math.ceil(d.batch_size / mb) * mb)
 

@@ -81,6 +81,22 @@ class Examples:
                     self.labels[idx], self.prompt_len[idx], [self.fields[i] for i in idx])
 
 
+def label_id(value, labels: tuple[str, ...], source: str, i: int) -> int:
+  """A record's label as an id: a label word, or an integer (or digit string) in range.
+
+  Raises:
+    ValueError: naming the record, the bad label and the allowed ones.
+  """
+  if isinstance(value, str) and not value.lstrip("-").isdigit():
+    if value not in labels:
+      raise ValueError(f"{source}: record {i} has label {value!r}; expected one of {labels}.")
+    return labels.index(value)
+  lab = int(value)
+  if not 0 <= lab < len(labels):
+    raise ValueError(f"{source}: record {i} has label {lab}; expected 0..{len(labels) - 1}.")
+  return lab
+
+
 def label_token_ids(tokenizer, labels) -> list[np.ndarray]:
   """Token ids of " label" for each label word."""
   return [encode(tokenizer, " " + w) for w in labels]
@@ -117,14 +133,7 @@ def build_examples(records: list[dict], tokenizer, *, labels: tuple[str, ...], p
     text = str(r["text"])
     if not text.strip():
       raise ValueError(f"{source}: record {i} has an empty text.")
-    lab = r["label"]
-    if isinstance(lab, str) and not lab.lstrip("-").isdigit():
-      if lab not in labels:
-        raise ValueError(f"{source}: record {i} has label {lab!r}; expected one of {labels}.")
-      lab = labels.index(lab)
-    lab = int(lab)
-    if not 0 <= lab < len(labels):
-      raise ValueError(f"{source}: record {i} has label {lab}; expected 0..{len(labels) - 1}.")
+    lab = label_id(r["label"], labels, source, i)
     body = encode(tokenizer, text)[:room]
     p = np.concatenate([head_ids, body, tail_ids])
     seq = np.concatenate([p, answers[lab]])

@@ -149,8 +149,8 @@ def plan_sample_dp(dp, client_sizes: list[int], expected_batch: int, rounds: int
   if dp.max_batch_size:
     max_batch = int(math.ceil(dp.max_batch_size / microbatch) * microbatch)
   else:
-    max_batch = max(sampling.choose_max_batch(n, expected_batch / n, steps, eps, trunc_budget,
-                                              microbatch) for n in client_sizes)
+    max_batch = sampling.max_batch_for_clients(client_sizes, expected_batch, steps, eps,
+                                               trunc_budget, microbatch)
   trunc = max(sampling.truncation_delta(n, expected_batch / n, max_batch, steps, eps)
               for n in client_sizes)
   if trunc > trunc_budget:

@@ -42,6 +42,13 @@ def choose_max_batch(n: int, q: float, steps: int, epsilon: float, budget: float
   return b
 
 
+def max_batch_for_clients(sizes: list[int], expected_batch: int, steps: int, epsilon: float,
+                          budget: float, multiple: int) -> int:
+  """The physical batch that keeps every client's truncation delta <= budget."""
+  return max(choose_max_batch(n, min(1.0, expected_batch / n), steps, epsilon, budget, multiple)
+             for n in sizes)
+
+
 class PoissonSampler:
   """Per-client Poisson sampling into fixed-size index/mask arrays, seeded on the host."""
 

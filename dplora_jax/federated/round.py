@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dplora_jax.dp import clipping
 from dplora_jax.federated import client as client_lib
 
 PyTree = Any
@@ -106,8 +107,7 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
     metrics = {"loss": sums["loss"] / n, "clip_fraction": sums["clip_fraction"] / n,
                "noise_norm": sums["noise_norm"] / n, "signal_norm": sums["signal_norm"] / n,
                "participants": sums["participants"],
-               "update_norm": jnp.sqrt(sum(jnp.sum(jnp.square(u.astype(jnp.float32)))
-                                           for u in jax.tree.leaves(updates)))}
+               "update_norm": clipping.global_norm(updates)}
     return RoundState(state.round + 1, new_lora, server_opt), metrics
 
   # Pin the state's sharding (replicated) so round 2 sees exactly round 1's input layout and the
