@@ -81,7 +81,7 @@ def main():
     updates, _ = tx.update(g, tx.init(lora), lora)
     return optax.apply_updates(lora, updates)
 
-  spec = client_lib.ClientSpec(private=True, clip_norm=1.0, noise_multiplier=1.0,
+  spec = client_lib.ClientSpec(mechanism="sample", clip_norm=1.0, noise_multiplier=1.0,
                                expected_batch=b, microbatch=min(args.microbatch, b),
                                local_steps=1)
 

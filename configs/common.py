@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.alpha = 16.0  # scaling = alpha / r
   c.lora.targets = ("q", "k", "v")  # adapted projections (the paper: q, k, v)
   c.lora.use_rslora = False  # scaling = alpha / sqrt(r)
-  c.lora.init = "kaiming"  # A's init: kaiming (PEFT) or gaussian
+  c.lora.init = "kaiming"  # kaiming (PEFT: A kaiming-uniform, B 0), gaussian, zero_a (A 0, B random)
   c.lora.freeze_a = False  # FFA-LoRA: A fixed, B trained
 
   c.data = ml_collections.ConfigDict()
@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.sampling = "poisson"  # poisson (required by DP) or shuffle (non-private baselines)
 
   c.dp = ml_collections.ConfigDict()
-  c.dp.mode = "sample"  # sample: per-example DP-SGD in each client; none: no privacy
+  # sample: per-example DP-SGD in each client (unit: one example); client: DP-FedAvg (unit: one
+  # client); sample+client: both guarantees; paper: the paper's Algorithm 1; none: no privacy
+  c.dp.mode = "sample"
   c.dp.clip_norm = 1.0  # C, per-example L2 bound over the whole LoRA tree
   c.dp.noise_multiplier = 0.0  # sigma; 0 = calibrate from target_epsilon
   c.dp.target_epsilon = 8.0  # end-to-end eps for every client's examples
@@ -50,6 +52,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.dp.allow_large_delta = False  # permit delta >= 1/n
   c.dp.max_batch_size = 0  # physical Poisson batch cap (0 = automatic, see dp/sampling.py)
   c.dp.truncation_delta_fraction = 0.01  # share of delta for over-full Poisson samples
+  c.dp.client_clip_norm = 0.1  # S: client-level L2 bound on each client's LoRA update (initial S)
+  c.dp.client_noise_multiplier = 0.0  # server noise sigma (std sigma * S); 0 = calibrate
+  c.dp.client_target_epsilon = 8.0  # end-to-end eps for a whole client
+  c.dp.client_delta = 1e-3  # client-level delta (must be < 1/num_clients)
+  c.dp.adaptive_clip_quantile = 0.0  # adaptive S: target unclipped fraction gamma (0 = fixed S)
+  c.dp.adaptive_clip_lr = 0.2  # adaptive S: geometric step eta
+  c.dp.adaptive_clip_count_noise = 0.0  # adaptive S: std of the count noise (0 = expected/20)
+  c.dp.paper_noise = "sigma_c"  # paper mode noise std: sigma_c (sigma*C) or sigma_c_over_b
+  c.dp.noise_seed = -1  # -1: the noise key comes from OS entropy; >= 0: reproducible noise
 
   c.fed = ml_collections.ConfigDict()
   c.fed.num_clients = 5  # K
@@ -59,8 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.fed.dirichlet_alpha = 1.0  # label skew for dirichlet
   c.fed.partition_field = ""  # record field naming the client, for partition=field
   c.fed.client_rate = 1.0  # Poisson client sampling rate (1 = all clients, the paper)
-  c.fed.aggregation = "fedavg"  # A and B averaged separately (the paper)
-  c.fed.weighting = "examples"  # client weights: examples (FedAvg) or uniform
+  c.fed.aggregation = "fedavg"  # fedavg: A and B averaged separately (the paper); ffa: A frozen
+  c.fed.weighting = "examples"  # client weights: examples (FedAvg) or uniform (client-level DP)
   c.fed.server_optimizer = "fedavg"  # fedavg (lr 1 = averaging) or fedadam
   c.fed.server_lr = 1.0  # server learning rate
 

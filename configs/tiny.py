@@ -6,7 +6,9 @@
 from configs.common import apply_args, base_config
 
 ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "clients": "fed.num_clients",
-        "rounds": "fed.rounds", "mode": "dp.mode"}
+        "rounds": "fed.rounds", "mode": "dp.mode", "agg": "fed.aggregation",
+        "client_eps": "dp.client_target_epsilon", "noise_seed": "dp.noise_seed",
+        "weighting": "fed.weighting", "client_rate": "fed.client_rate"}
 
 
 def get_config(arg: str | None = None):

@@ -13,10 +13,11 @@ from typing import Any, Mapping
 
 from dplora_jax.lora import LoRAConfig
 
-DP_MODES = ("sample", "none")
+DP_MODES = ("sample", "client", "sample+client", "paper", "none")
+PAPER_NOISE = ("sigma_c", "sigma_c_over_b")
 ACCOUNTANTS = ("rdp", "pld")
 PARTITIONS = ("iid", "dirichlet", "field")
-AGGREGATIONS = ("fedavg",)
+AGGREGATIONS = ("fedavg", "ffa")
 WEIGHTINGS = ("examples", "uniform")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam")
 CLIENT_OPTIMIZERS = ("sgd", "adamw")
@@ -73,7 +74,14 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DPConfig:
-  """Differential privacy of examples within each client (DP-SGD on every client)."""
+  """Differential privacy.
+
+  mode: "sample" (per-example DP-SGD on every client; unit: one example), "client" (DP-FedAvg:
+  clip each client's update, noise at the server; unit: one whole client), "sample+client" (both,
+  two guarantees), "paper" (the paper's Algorithm 1 as written, see `dp.plan`), "none".
+  Fields without a prefix are the example-level (and paper) mechanism; `client_*` and
+  `adaptive_*` fields are the client-level mechanism.
+  """
   mode: str = "sample"
   clip_norm: float = 1.0
   noise_multiplier: float = 0.0  # 0 = calibrate from target_epsilon
@@ -83,23 +91,61 @@ class DPConfig:
   allow_large_delta: bool = False
   max_batch_size: int = 0  # physical Poisson batch cap; 0 = smallest safe multiple of microbatch
   truncation_delta_fraction: float = 0.01  # share of delta spent on an over-full Poisson sample
+  client_clip_norm: float = 0.1  # S (the initial S with adaptive clipping)
+  client_noise_multiplier: float = 0.0  # sigma at the server; 0 = calibrate
+  client_target_epsilon: float = 8.0
+  client_delta: float = 1e-3  # must be < 1/num_clients
+  adaptive_clip_quantile: float = 0.0  # gamma; 0 = fixed S
+  adaptive_clip_lr: float = 0.2  # eta: S <- S * exp(-eta * (unclipped fraction - gamma))
+  adaptive_clip_count_noise: float = 0.0  # sigma_b of the unclipped count; 0 = expected clients/20
+  paper_noise: str = "sigma_c"  # paper mode: noise std sigma*C, or sigma*C/B on the mean gradient
+  noise_seed: int = -1  # -1 = the noise key comes from OS entropy; >= 0: reproducible runs
+
+  @property
+  def sample_level(self) -> bool:
+    return self.mode in ("sample", "sample+client")
+
+  @property
+  def client_level(self) -> bool:
+    return self.mode in ("client", "sample+client")
+
+  @property
+  def adaptive(self) -> bool:
+    return self.client_level and self.adaptive_clip_quantile > 0
 
   def __post_init__(self):
     _check(self.mode in DP_MODES, "dp.mode", self.mode, f"one of {DP_MODES}")
     _check(self.accountant in ACCOUNTANTS, "dp.accountant", self.accountant,
            f"one of {ACCOUNTANTS}")
-    if self.mode == "none":
-      return
-    _check(self.clip_norm > 0 and math.isfinite(self.clip_norm), "dp.clip_norm", self.clip_norm,
-           "a finite number > 0")
-    _check(0 < self.delta < 1, "dp.delta", self.delta, "a number in (0, 1)")
-    _check(self.noise_multiplier >= 0, "dp.noise_multiplier", self.noise_multiplier, ">= 0")
-    if self.noise_multiplier == 0:
-      _check(self.target_epsilon > 0, "dp.target_epsilon", self.target_epsilon,
-             "> 0 (or set dp.noise_multiplier)")
-    _check(0 < self.truncation_delta_fraction < 1, "dp.truncation_delta_fraction",
-           self.truncation_delta_fraction, "a number in (0, 1)")
-    _check(self.max_batch_size >= 0, "dp.max_batch_size", self.max_batch_size, ">= 0")
+    _check(self.paper_noise in PAPER_NOISE, "dp.paper_noise", self.paper_noise,
+           f"one of {PAPER_NOISE}")
+    _check(isinstance(self.noise_seed, int) and self.noise_seed >= -1, "dp.noise_seed",
+           self.noise_seed, "-1 (OS entropy) or an integer >= 0")
+    if self.mode in ("sample", "sample+client", "paper"):
+      _check(self.clip_norm > 0 and math.isfinite(self.clip_norm), "dp.clip_norm", self.clip_norm,
+             "a finite number > 0")
+      _check(0 < self.delta < 1, "dp.delta", self.delta, "a number in (0, 1)")
+      _check(self.noise_multiplier >= 0, "dp.noise_multiplier", self.noise_multiplier, ">= 0")
+      if self.noise_multiplier == 0:
+        _check(self.target_epsilon > 0, "dp.target_epsilon", self.target_epsilon,
+               "> 0 (or set dp.noise_multiplier)")
+      _check(0 < self.truncation_delta_fraction < 1, "dp.truncation_delta_fraction",
+             self.truncation_delta_fraction, "a number in (0, 1)")
+      _check(self.max_batch_size >= 0, "dp.max_batch_size", self.max_batch_size, ">= 0")
+    if self.client_level:
+      _check(self.client_clip_norm > 0 and math.isfinite(self.client_clip_norm),
+             "dp.client_clip_norm", self.client_clip_norm, "a finite number > 0")
+      _check(0 < self.client_delta < 1, "dp.client_delta", self.client_delta, "a number in (0, 1)")
+      _check(self.client_noise_multiplier >= 0, "dp.client_noise_multiplier",
+             self.client_noise_multiplier, ">= 0")
+      if self.client_noise_multiplier == 0:
+        _check(self.client_target_epsilon > 0, "dp.client_target_epsilon",
+               self.client_target_epsilon, "> 0 (or set dp.client_noise_multiplier)")
+      _check(0 <= self.adaptive_clip_quantile < 1, "dp.adaptive_clip_quantile",
+             self.adaptive_clip_quantile, "0 (fixed S) or a quantile in (0, 1)")
+      _check(self.adaptive_clip_lr > 0, "dp.adaptive_clip_lr", self.adaptive_clip_lr, "> 0")
+      _check(self.adaptive_clip_count_noise >= 0, "dp.adaptive_clip_count_noise",
+             self.adaptive_clip_count_noise, ">= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +207,40 @@ class RunConfig:
   log_every: int = 1
 
   def __post_init__(self):
-    if self.dp.mode != "none" and self.data.sampling != "poisson":
-      raise ValueError(f"data.sampling={self.data.sampling!r} with dp.mode={self.dp.mode!r}: "
+    dp, fed = self.dp, self.fed
+    if dp.mode in ("sample", "sample+client") and self.data.sampling != "poisson":
+      raise ValueError(f"data.sampling={self.data.sampling!r} with dp.mode={dp.mode!r}: "
                        "DP accounting assumes Poisson sampling; use data.sampling='poisson'.")
+    if dp.client_level:
+      if fed.weighting != "uniform":
+        raise ValueError(f"fed.weighting={fed.weighting!r} with dp.mode={dp.mode!r}: client-level "
+                         "DP sums clipped updates with weight 1 each (sizes are private and "
+                         "weights change the sensitivity); use fed.weighting='uniform'.")
+      if dp.client_delta >= 1.0 / fed.num_clients and not dp.allow_large_delta:
+        raise ValueError(f"dp.client_delta={dp.client_delta} >= 1/{fed.num_clients} (one over the "
+                         "number of clients): such a delta allows releasing a client outright; "
+                         "lower it or set dp.allow_large_delta=True.")
+    if dp.mode == "paper":
+      if fed.client_rate != 1.0:
+        raise ValueError(f"fed.client_rate={fed.client_rate} with dp.mode='paper': Algorithm 1 "
+                         "uses all K clients every round; set fed.client_rate=1.0.")
+      if fed.local_steps != 1:
+        raise ValueError(f"fed.local_steps={fed.local_steps} with dp.mode='paper': Algorithm 1 "
+                         "takes one local step per round; set fed.local_steps=1.")
+      if self.optim.optimizer != "sgd":
+        raise ValueError(f"optim.optimizer={self.optim.optimizer!r} with dp.mode='paper': "
+                         "Algorithm 1 takes a plain SGD step; set optim.optimizer='sgd'.")
+      if fed.server_optimizer != "fedavg" or fed.server_lr != 1.0:
+        raise ValueError(f"fed.server_optimizer={fed.server_optimizer!r}, fed.server_lr="
+                         f"{fed.server_lr} with dp.mode='paper': Algorithm 1 averages A and B; "
+                         "set fed.server_optimizer='fedavg' and fed.server_lr=1.0.")
+      if self.data.sampling != "shuffle":
+        raise ValueError(f"data.sampling={self.data.sampling!r} with dp.mode='paper': Algorithm 1 "
+                         "takes a batch of exactly B examples; set data.sampling='shuffle'.")
+    if fed.aggregation == "ffa" and self.lora.init == "zero_a":
+      raise ValueError("fed.aggregation='ffa' with lora.init='zero_a': FFA-LoRA keeps A at its "
+                       "initial value, so a zero A would never train; use lora.init='kaiming' or "
+                       "'gaussian'.")
 
 
 _SECTIONS = {"model": ModelSource, "lora": LoRAConfig, "data": DataConfig, "dp": DPConfig,

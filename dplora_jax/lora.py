@@ -27,7 +27,7 @@ from dplora_jax.models import layers
 from dplora_jax.models.loading import FAMILY_MODULES
 
 PyTree = Any
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "zero_a")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,8 @@ class LoRAConfig:
     targets: module names ("q", "k", "v", "o", "gate", "up", "down" for Llama; "c_attn", ... for
       GPT-2; PEFT names like "q_proj" are accepted). Empty = the family's default.
     use_rslora: scaling alpha / sqrt(r) instead of alpha / r.
-    init: A's initialiser, "kaiming" (PEFT's kaiming-uniform) or "gaussian" (std 1/r).
+    init: "kaiming" (A kaiming-uniform as PEFT, B = 0), "gaussian" (A ~ N(0, 1/r^2), B = 0) or
+      "zero_a" (the transposed convention: A = 0, B kaiming-uniform; not usable with FFA).
     freeze_a: keep A at its initial value and train B only (FFA-LoRA).
   """
   rank: int = 8
@@ -97,7 +98,8 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> nnx.Module:
   """Attaches LoRA factors to `model` in place and returns it.
 
   A [L, in, r] is drawn from `key` (kaiming-uniform bound 1/sqrt(in) as PEFT, or N(0, 1/r^2));
-  B [L, r, out] is zero, so the adapted model equals the base model.
+  B [L, r, out] is zero (init "zero_a" swaps the roles), so the adapted model equals the base
+  model.
 
   Raises:
     ValueError: unknown target, or rank larger than a targeted layer's dimensions.
@@ -111,14 +113,19 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> nnx.Module:
                        f"{name!r} ([{d_in}, {d_out}]).")
     k = jax.random.fold_in(key, i)
     dtype = dense.kernel[...].dtype
+    b = jnp.zeros((*stack, cfg.rank, d_out), jnp.float32)
     if cfg.init == "kaiming":
       bound = 1.0 / math.sqrt(d_in)
       a = jax.random.uniform(k, (*stack, d_in, cfg.rank), jnp.float32, -bound, bound)
-    else:
+    elif cfg.init == "gaussian":
       a = jax.random.normal(k, (*stack, d_in, cfg.rank), jnp.float32) / cfg.rank
+    else:
+      a = jnp.zeros((*stack, d_in, cfg.rank), jnp.float32)
+      bound = 1.0 / math.sqrt(cfg.rank)
+      b = jax.random.uniform(k, (*stack, cfg.rank, d_out), jnp.float32, -bound, bound)
     a_type = layers.FrozenLoRAParam if cfg.freeze_a else layers.LoRAParam
     dense.lora_a = a_type(a.astype(dtype))
-    dense.lora_b = layers.LoRAParam(jnp.zeros((*stack, cfg.rank, d_out), dtype))
+    dense.lora_b = layers.LoRAParam(b.astype(dtype))
     dense.lora_scaling = float(cfg.scaling)
   return model
 
@@ -165,3 +172,24 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     dense.lora_b = None
     dense.lora_scaling = 0.0
   return model
+
+
+def factor_of(tree: PyTree) -> PyTree:
+  """The same tree with each leaf replaced by "a" or "b": which LoRA factor it is."""
+  def name(path, _):
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if "lora_a" in keys:
+      return "a"
+    if "lora_b" in keys:
+      return "b"
+    raise ValueError(f"not a LoRA factor: {jax.tree_util.keystr(path)}")
+  return jax.tree_util.tree_map_with_path(name, tree)
+
+
+def factor_bytes(model: nnx.Module) -> dict[str, int]:
+  """Bytes of all A factors and all B factors of `model` (trainable or frozen)."""
+  out = {"a": 0, "b": 0}
+  for dense in adapted_denses(model).values():
+    out["a"] += tree_bytes([dense.lora_a[...]])
+    out["b"] += tree_bytes([dense.lora_b[...]])
+  return out

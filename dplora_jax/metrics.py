@@ -17,11 +17,14 @@ def tree_bytes(tree) -> int:
 class Communication:
   """Bytes sent up (client -> server) and down (server -> client), per round and in total."""
 
-  def __init__(self, lora_bytes: int, full_model_bytes: int):
+  def __init__(self, lora_bytes: int, full_model_bytes: int, setup_down: int = 0):
+    """`lora_bytes`: what travels each way per participating client per round (the trainable
+    LoRA); `setup_down`: bytes sent once before round 1 (FFA's frozen A to every client)."""
     self.lora_bytes = lora_bytes
     self.full_model_bytes = full_model_bytes
+    self.setup_down = setup_down
     self.up_total = 0
-    self.down_total = 0
+    self.down_total = setup_down
 
   def record_round(self, participants: int) -> tuple[int, int]:
     up = self.lora_bytes * participants

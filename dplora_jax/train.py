@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from dplora_jax import lora as lora_lib
 from dplora_jax.config import RunConfig
 from dplora_jax.data import classification as data_lib
-from dplora_jax.dp import accounting, sampling
-from dplora_jax.federated import client as client_lib, partition as partition_lib
+from dplora_jax import report
+from dplora_jax.dp import plan as plan_lib, sampling
+from dplora_jax.federated import aggregation, client as client_lib, partition as partition_lib
 from dplora_jax.federated import round as round_lib
 from dplora_jax.metrics import Communication, JsonlWriter, tree_bytes
 from dplora_jax.models import ModelConfig, build_model, load_model, load_tokenizer
@@ -30,6 +31,18 @@ from dplora_jax.tasks import classification as eval_lib
 
 # Purposes of the root key's children: each stream feeds one thing only.
 KEY_INIT, KEY_NOISE = 0, 1
+
+
+def make_noise_key(noise_seed: int) -> tuple[jax.Array, str]:
+  """The run's DP-noise key and where it came from.
+
+  A real run (noise_seed = -1) draws 64 bits from the OS entropy pool (`os.urandom`), so nobody
+  who knows the config can regenerate the noise; noise_seed >= 0 reproduces a run exactly.
+  """
+  if noise_seed >= 0:
+    return jax.random.fold_in(jax.random.key(noise_seed), KEY_NOISE), f"seed {noise_seed}"
+  data = np.frombuffer(os.urandom(8), np.uint32)
+  return jax.random.wrap_key_data(data), "os-entropy"
 
 
 @dataclasses.dataclass
@@ -43,9 +56,10 @@ class Setup:
   clients: list  # per-client Examples
   eval_examples: Any
   answers: list
-  plan: accounting.SamplePlan | None
+  plan: plan_lib.PrivacyPlan
   max_batch: int
   full_model_bytes: int
+  factor_bytes: dict  # {"a": bytes of all A, "b": bytes of all B}
 
 
 def _load(cfg: RunConfig):
@@ -67,8 +81,8 @@ def _data_path(p: str, default: str) -> str:
   return p if os.path.isabs(p) or os.path.exists(p) else data_lib.packaged(p)
 
 
-def build(cfg: RunConfig) -> Setup:
-  """Loads model and data, partitions clients and fixes the privacy plan (all checks first)."""
+def _records(cfg: RunConfig):
+  """Reads train and eval records and partitions the train records into clients."""
   d = cfg.data
   train_records = data_lib.read_records(_data_path(d.train_file, "tfns/train.jsonl"))
   eval_records = data_lib.read_records(_data_path(d.eval_file, "tfns/validation.jsonl"))
@@ -87,33 +101,68 @@ def build(cfg: RunConfig) -> Setup:
   parts = partition_lib.partition(labels, cfg.fed.num_clients, method=cfg.fed.partition,
                                   alpha=cfg.fed.dirichlet_alpha, field_values=field_values,
                                   seed=cfg.seed)
-  sizes = [len(p) for p in parts]
-  mb = cfg.optim.microbatch_size
-  plan = None
-  if cfg.dp.mode == "sample":
-    plan = accounting.plan_sample_dp(cfg.dp, sizes, d.batch_size, cfg.fed.rounds,
-                                     cfg.fed.local_steps, mb)
-    max_batch = plan.max_batch
-  else:
-    if d.batch_size > min(sizes):
-      raise ValueError(f"data.batch_size={d.batch_size} exceeds the smallest client's "
-                       f"{min(sizes)} examples.")
-    if d.sampling == "poisson":  # no privacy: only keep over-full samples rare (1e-9)
-      max_batch = sampling.max_batch_for_clients(sizes, d.batch_size, 1, 0.0, 1e-9, mb)
-    else:
-      max_batch = int(math.ceil(d.batch_size / mb) * mb)
+  return train_records, eval_records, parts
+
+
+def client_sizes(cfg: RunConfig, extra: list[int] | None = None) -> list[int]:
+  """Examples per client (plus `extra` per client, e.g. audit canaries), without the model."""
+  _, _, parts = _records(cfg)
+  return [len(p) + (extra[i] if extra else 0) for i, p in enumerate(parts)]
+
+
+def privacy_plan(cfg: RunConfig, sizes: list[int] | None = None) -> plan_lib.PrivacyPlan:
+  """The run's privacy plan (reads and partitions the data; loads no model)."""
+  return plan_lib.make_plan(cfg, sizes or client_sizes(cfg))
+
+
+def _max_batch(cfg: RunConfig, plan: plan_lib.PrivacyPlan, sizes: list[int]) -> int:
+  d, mb = cfg.data, cfg.optim.microbatch_size
+  if plan.sample is not None:
+    return plan.sample.max_batch
+  if d.batch_size > min(sizes):
+    raise ValueError(f"data.batch_size={d.batch_size} exceeds the smallest client's "
+                     f"{min(sizes)} examples.")
+  if d.sampling == "poisson":  # no example-level privacy: only keep over-full samples rare
+    return sampling.max_batch_for_clients(sizes, d.batch_size, 1, 0.0, 1e-9, mb)
+  return int(math.ceil(d.batch_size / mb) * mb)
+
+
+def effective_lora(cfg: RunConfig):
+  """The LoRA config actually built: FFA freezes A."""
+  if cfg.fed.aggregation == "ffa" and not cfg.lora.freeze_a:
+    return dataclasses.replace(cfg.lora, freeze_a=True)
+  return cfg.lora
+
+
+def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
+  """Loads model and data, partitions clients and fixes the privacy plan (all checks first).
+
+  Args:
+    extra_train: optional per-client `Examples` appended to each client's data (audit canaries);
+      they count towards client sizes and the privacy plan.
+  """
+  d = cfg.data
+  train_records, eval_records, parts = _records(cfg)
+  extra_n = [len(e) for e in extra_train] if extra_train else None
+  sizes = [len(p) + (extra_n[i] if extra_n else 0) for i, p in enumerate(parts)]
+  plan = plan_lib.make_plan(cfg, sizes)
+  max_batch = _max_batch(cfg, plan, sizes)
 
   model, tok = _load(cfg)
   full_model_bytes = tree_bytes(jax.tree.leaves(model))
-  lora_lib.add_lora(model, cfg.lora, jax.random.fold_in(jax.random.key(cfg.seed), KEY_INIT))
+  lora_cfg = effective_lora(cfg)
+  lora_lib.add_lora(model, lora_cfg, jax.random.fold_in(jax.random.key(cfg.seed), KEY_INIT))
+  factor_bytes = lora_lib.factor_bytes(model)
   graphdef, lora, frozen = lora_lib.split(model)
   kw = dict(labels=d.labels, prompt=d.prompt, max_length=d.max_length)
   train = data_lib.build_examples(train_records, tok, source="train data", **kw)
   evals = data_lib.build_examples(eval_records, tok, source="eval data", **kw)
   clients = [train.subset(p) for p in parts]
+  if extra_train:
+    clients = [data_lib.concat([c, e]) for c, e in zip(clients, extra_train)]
   answers = data_lib.label_token_ids(tok, d.labels)
   return Setup(cfg, graphdef, lora, frozen, tok, clients, evals, answers, plan, max_batch,
-               full_model_bytes)
+               full_model_bytes, factor_bytes)
 
 
 def _stack_clients(clients, num_slots: int):
@@ -128,42 +177,59 @@ def _stack_clients(clients, num_slots: int):
   return out
 
 
-def run(cfg: RunConfig, workdir: str, *, progress: bool = True) -> dict:
+def run(cfg: RunConfig, workdir: str, *, progress: bool = True,
+        extra_train: list | None = None) -> dict:
   """Trains `cfg`; writes workdir/metrics.jsonl and workdir/summary.json.
 
   Returns:
-    The summary dict, plus the final global LoRA pytree under "_lora" (not written to JSON).
+    The summary dict, plus the final global LoRA pytree under "_lora" and the Setup under
+    "_setup" (neither is written to JSON).
+
+  Raises:
+    RuntimeError: a guard fired (LoRA did not move in round 1; the budget would be exceeded).
+    FloatingPointError: a round produced a non-finite update or metric.
   """
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
-  s = build(cfg)
+  s = build(cfg, extra_train)
+  dp = cfg.dp
   k = cfg.fed.num_clients
   mesh = round_lib.make_mesh(min(jax.device_count(), k))
   n_dev = mesh.devices.size
   slots = int(math.ceil(k / n_dev) * n_dev)
-  private = cfg.dp.mode == "sample"
+  example, client_m, paper = (s.plan.get(n) for n in ("example", "client", "paper"))
+  mechanism = "sample" if example else ("paper" if paper else "none")
   spec = client_lib.ClientSpec(
-      private=private, clip_norm=float(cfg.dp.clip_norm),
-      noise_multiplier=float(s.plan.noise_multiplier) if private else 0.0,
+      mechanism=mechanism, clip_norm=float(dp.clip_norm),
+      noise_multiplier=float(example.noise_multiplier) if example else 0.0,
       expected_batch=cfg.data.batch_size, microbatch=cfg.optim.microbatch_size,
-      local_steps=cfg.fed.local_steps)
+      local_steps=cfg.fed.local_steps, paper_noise_std=float(s.plan.paper_noise_std))
+  client_dp = None
+  if client_m:
+    client_dp = aggregation.ClientDP(
+        sum_noise=float(s.plan.client_sum_noise), expected_clients=float(s.plan.expected_clients),
+        adaptive=dp.adaptive, count_noise=float(s.plan.client_count_noise),
+        quantile=float(dp.adaptive_clip_quantile), clip_lr=float(dp.adaptive_clip_lr))
   client_tx = client_lib.make_client_optimizer(cfg.optim.optimizer, cfg.optim.learning_rate,
                                                cfg.optim.weight_decay)
   server_tx = round_lib.make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)
-  round_step = round_lib.make_round_step(s.graphdef, spec, client_tx, server_tx, mesh)
+  round_step = round_lib.make_round_step(s.graphdef, spec, client_tx, server_tx, mesh, client_dp)
 
   sizes = [len(c) for c in s.clients]
   data = round_lib.shard_clients(mesh, _stack_clients(s.clients, slots))
   client_ids = round_lib.shard_clients(mesh, np.arange(slots, dtype=np.int32))
   frozen = round_lib.replicate(mesh, s.frozen)
-  state = round_lib.replicate(mesh, round_lib.init_state(s.lora, server_tx))
-  root = jax.random.key(cfg.seed)
-  noise_key = jax.random.fold_in(root, KEY_NOISE)
+  state = round_lib.replicate(mesh, round_lib.init_state(s.lora, server_tx, dp.client_clip_norm))
+  noise_key, key_source = make_noise_key(dp.noise_seed)
   sampler = sampling.PoissonSampler(sizes, cfg.data.batch_size, s.max_batch, seed=cfg.seed + 1,
                                     poisson=cfg.data.sampling == "poisson")
   client_rng = np.random.default_rng(cfg.seed + 2)
-  base_w = np.asarray(sizes if cfg.fed.weighting == "examples" else [1] * k, np.float32)
-  comm = Communication(lora_lib.nbytes(s.lora), s.full_model_bytes)
+  uniform = cfg.fed.weighting == "uniform" or client_m is not None
+  base_w = np.asarray([1] * k if uniform else sizes, np.float32)
+  # FFA: A is part of the frozen tree, sent to every client once before round 1, never again.
+  a_frozen = effective_lora(cfg).freeze_a
+  comm = Communication(lora_lib.nbytes(s.lora), s.full_model_bytes,
+                       setup_down=s.factor_bytes["a"] * k if a_frozen else 0)
   writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
   if os.path.exists(writer.path):
     os.remove(writer.path)
@@ -173,16 +239,15 @@ def run(cfg: RunConfig, workdir: str, *, progress: bool = True) -> dict:
   before = eval_lib.evaluate(s.graphdef, s.lora, s.frozen, s.eval_examples, s.answers, pad,
                              n_labels)
   initial = jax.tree.map(np.asarray, s.lora)
-  eps = 0.0
+  spent = {m.name: 0.0 for m in s.plan.mechanisms}
   compile_s = None
   bar = tqdm(range(cfg.fed.rounds), desc="rounds", disable=not progress)
   for r in bar:
-    if private:
-      eps_next = s.plan.epsilon_after(r + 1)
-      if eps_next > s.plan.epsilon * (1 + 1e-9) or (
-          cfg.dp.noise_multiplier == 0 and eps_next > cfg.dp.target_epsilon * (1 + 1e-9)):
-        raise RuntimeError(f"budget guard: round {r + 1} would spend eps={eps_next:.4f} beyond "
-                           f"the planned {s.plan.epsilon:.4f}.")
+    nxt = {m.name: m.epsilon_after(r + 1) for m in s.plan.mechanisms}
+    for m in s.plan.mechanisms:
+      if nxt[m.name] > m.epsilon * (1 + 1e-9):
+        raise RuntimeError(f"budget guard: round {r + 1} would spend eps={nxt[m.name]:.4f} "
+                           f"({m.name}-level) beyond the planned {m.epsilon:.4f}.")
     t0 = time.time()
     part = sampling.sample_clients(client_rng, k, cfg.fed.client_rate)
     idx, valid = sampler.sample(cfg.fed.local_steps, slots)
@@ -194,6 +259,9 @@ def run(cfg: RunConfig, workdir: str, *, progress: bool = True) -> dict:
                                 round_lib.shard_clients(mesh, weights), client_ids, noise_key)
     metrics = jax.device_get(metrics)
     seconds = time.time() - t0
+    if not all(np.isfinite(v) for v in metrics.values()):
+      raise FloatingPointError(f"guard: round {r + 1} produced a non-finite update or metric "
+                               f"{ {k_: float(v) for k_, v in metrics.items()} }; stopping.")
     if compile_s is None:
       compile_s = seconds
       moved = any(not np.array_equal(a, np.asarray(b)) for a, b in
@@ -201,64 +269,34 @@ def run(cfg: RunConfig, workdir: str, *, progress: bool = True) -> dict:
       if not moved and metrics["participants"] > 0:
         raise RuntimeError("guard: the LoRA weights did not move in round 1 (learning rate 0, "
                            "or every update was zero); refusing to spend privacy on nothing.")
-    if not all(np.isfinite(v) for v in metrics.values()):
-      raise FloatingPointError(f"round {r + 1}: non-finite metrics {metrics}.")
-    if private:
-      eps = eps_next
+    spent = nxt
     up, down = comm.record_round(int(metrics["participants"]))
-    record = {"round": r + 1, "loss": float(metrics["loss"]), "epsilon": eps,
+    record = {"round": r + 1, "loss": float(metrics["loss"]),
+              "epsilon": next(iter(spent.values()), math.inf),
+              **{f"epsilon_{n}": e for n, e in spent.items()},
               "clip_fraction": float(metrics["clip_fraction"]),
               "noise_to_signal": float(metrics["noise_norm"] / max(metrics["signal_norm"], 1e-12)),
               "participants": int(metrics["participants"]), "bytes_up": up, "bytes_down": down,
               "seconds": seconds}
+    for key in ("client_clip_norm", "server_noise_norm", "unclipped_fraction"):
+      if key in metrics:
+        record[key] = float(metrics[key])
     if (r + 1) % cfg.log_every == 0 or r + 1 == cfg.fed.rounds:
       writer.write(record)
-    bar.set_postfix(loss=f"{record['loss']:.3f}", eps=f"{eps:.2f}",
+    bar.set_postfix(loss=f"{record['loss']:.3f}", eps=f"{record['epsilon']:.2f}",
                     MB=f"{comm.up_total / 2**20:.1f}")
 
   lora = state.lora
   after = eval_lib.evaluate(s.graphdef, lora, s.frozen, s.eval_examples, s.answers, pad, n_labels)
-  summary = {
-      "mode": cfg.dp.mode, "epsilon": eps if private else math.inf,
-      "delta": s.plan.delta if private else 0.0,
-      "noise_multiplier": s.plan.noise_multiplier if private else 0.0,
-      "accountant": cfg.dp.accountant if private else None,
-      "sampling_rate": s.plan.sampling_rate if private else None,
-      "truncation_delta": s.plan.truncation_delta if private else None,
-      "max_batch": s.max_batch, "expected_batch": cfg.data.batch_size,
-      "clip_norm": cfg.dp.clip_norm if private else None,
-      "protected_unit": "one example of one client" if private else None,
-      "rounds": cfg.fed.rounds, "clients": k,
-      "clients_per_round": cfg.fed.client_rate * k, "local_steps": cfg.fed.local_steps,
-      "client_sizes": sizes, "devices": n_dev,
-      "lora_params": lora_lib.count_params(lora), "lora_bytes": comm.lora_bytes,
-      "bytes_up_total": comm.up_total, "bytes_down_total": comm.down_total,
-      "full_model_bytes": comm.full_model_bytes,
-      "eval": {"before": before, "after": after},
-      "first_round_seconds": compile_s, "wall_seconds": time.time() - t_start,
-      "poisson_overflows": sampler.overflows, "seed": cfg.seed,
-  }
+  summary = report.summary(
+      cfg, s.plan, spent, comm, sizes=sizes, devices=n_dev, max_batch=s.max_batch,
+      lora_params=lora_lib.count_params(lora), before=before, after=after,
+      first_round_seconds=compile_s, wall_seconds=time.time() - t_start,
+      poisson_overflows=sampler.overflows, noise_key_source=key_source,
+      a_frozen=a_frozen)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2, default=float)
-  return summary | {"_lora": lora}
+  return summary | {"_lora": lora, "_setup": s}
 
 
-def format_summary(summary: dict) -> str:
-  """The human report `make demo` prints."""
-  b, a = summary["eval"]["before"], summary["eval"]["after"]
-  ratio = summary["bytes_up_total"] / max(1, summary["full_model_bytes"] *
-                                          summary["rounds"] * summary["clients_per_round"])
-  lines = [
-      f"DP federated LoRA ({summary['mode']}): {summary['rounds']} rounds x "
-      f"{summary['clients']} clients x {summary['local_steps']} local steps",
-      f"  privacy: eps = {summary['epsilon']:.3f}, delta = {summary['delta']:.2g} "
-      f"(sigma = {summary['noise_multiplier']:.3f}, {summary['accountant']}, unit: "
-      f"{summary['protected_unit']})",
-      f"  zero-shot : accuracy {b['accuracy']:.3f}, macro F1 {b['f1_macro']:.3f}  (n={b['n']})",
-      f"  fine-tuned: accuracy {a['accuracy']:.3f}, macro F1 {a['f1_macro']:.3f}",
-      f"  sent up {summary['bytes_up_total'] / 2**20:.2f} MiB "
-      f"(LoRA {summary['lora_bytes'] / 2**20:.2f} MiB per client per round; full model "
-      f"{summary['full_model_bytes'] / 2**20:.0f} MiB: {ratio:.2%} of sending it)",
-      f"  wall time {summary['wall_seconds']:.0f} s",
-  ]
-  return "\n".join(lines)
+format_summary = report.format_summary

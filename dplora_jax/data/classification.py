@@ -81,6 +81,13 @@ class Examples:
                     self.labels[idx], self.prompt_len[idx], [self.fields[i] for i in idx])
 
 
+def concat(parts: list[Examples]) -> Examples:
+  """Rows of several Examples (same max_length) in order."""
+  cat = lambda f: np.concatenate([getattr(p, f) for p in parts])
+  return Examples(cat("tokens"), cat("mask"), cat("targets"), cat("loss_mask"), cat("labels"),
+                  cat("prompt_len"), [r for p in parts for r in p.fields])
+
+
 def label_id(value, labels: tuple[str, ...], source: str, i: int) -> int:
   """A record's label as an id: a label word, or an integer (or digit string) in range.
 

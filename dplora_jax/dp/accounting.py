@@ -46,15 +46,17 @@ def make_accountant(kind: str = "rdp"):
 
 
 def dpsgd_event(sampling_rate: float, noise_multiplier: float, steps: int):
-  """`steps` compositions of the Poisson-sampled Gaussian mechanism."""
+  """`steps` compositions of the Poisson-sampled Gaussian mechanism (rate 1: no sampling)."""
+  if not 0 <= sampling_rate <= 1:
+    raise ValueError(f"sampling rate {sampling_rate} is outside [0, 1].")
   if steps == 0 or sampling_rate == 0:
     return dp_accounting.NoOpDpEvent()
   if noise_multiplier == 0:
     return dp_accounting.NonPrivateDpEvent()
-  return dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(sampling_rate,
-                                          dp_accounting.GaussianDpEvent(noise_multiplier)),
-      steps)
+  event = dp_accounting.GaussianDpEvent(noise_multiplier)
+  if sampling_rate < 1:
+    event = dp_accounting.PoissonSampledDpEvent(sampling_rate, event)
+  return dp_accounting.SelfComposedDpEvent(event, steps)
 
 
 def epsilon(event, delta: float, kind: str = "rdp") -> float:

@@ -15,6 +15,21 @@ def global_norm(tree: PyTree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def masked_sum(per_example: PyTree, valid: jax.Array):
+  """Sum over valid rows of per-example values, dropping rows with any non-finite entry.
+
+  Not a DP mechanism (no clipping). Returns (sum pytree, number of valid rows dropped).
+  """
+  norms = jax.vmap(global_norm)(per_example)
+  keep = valid & jnp.isfinite(norms)
+
+  def masked(g):
+    g = jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g.astype(jnp.float32), 0.0)
+    return jnp.sum(g, axis=0)
+
+  return jax.tree.map(masked, per_example), jnp.sum(valid & ~keep)
+
+
 def clip_and_sum(per_example: PyTree, valid: jax.Array, clip_norm: float):
   """Clips each example's gradient to L2 norm `clip_norm` over the whole tree and sums them.
 

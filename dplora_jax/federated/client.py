@@ -34,19 +34,32 @@ class ClientSpec:
   """Static description of a client's local step (hashable; closed over by the jitted round).
 
   Attributes:
-    private: clip + noise (dp.mode = "sample") or plain mean gradients (dp.mode = "none").
+    mechanism: "sample" (per-example clip + noise on the sum: DP-SGD), "none" (mean gradient)
+      or "paper" (the paper's Algorithm 1: batch-mean gradient, each factor group clipped to C
+      and noised with std `paper_noise_std`).
     clip_norm: C.
-    noise_multiplier: sigma.
+    noise_multiplier: sigma ("sample").
     expected_batch: B, the divisor of the noised sum (never the realised sample size).
     microbatch: per-example gradients computed this many at a time (a loop over microbatches).
     local_steps: S.
+    paper_noise_std: absolute noise std per group ("paper": sigma C, or sigma C / B).
   """
-  private: bool
+  mechanism: str
   clip_norm: float
   noise_multiplier: float
   expected_batch: int
   microbatch: int
   local_steps: int
+  paper_noise_std: float = 0.0
+
+  def __post_init__(self):
+    if self.mechanism not in ("sample", "none", "paper"):
+      raise ValueError(f"mechanism={self.mechanism!r}; expected 'sample', 'none' or 'paper'.")
+
+  @property
+  def private(self) -> bool:
+    """Per-example clipping (DP-SGD)."""
+    return self.mechanism == "sample"
 
 
 def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
@@ -81,10 +94,8 @@ def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
                             b["loss_mask"])
     if spec.private:
       summed, _, _, n_clipped = clipping.clip_and_sum(grads, v, spec.clip_norm)
-    else:
-      vf = v.astype(jnp.float32)
-      summed = jax.tree.map(lambda g: jnp.einsum("b,b...->...", vf, g.astype(jnp.float32)), grads)
-      n_clipped = jnp.int32(0)
+    else:  # plain sum; a non-finite example gradient is dropped here too
+      summed, n_clipped = clipping.masked_sum(grads, v)
     acc_g, loss_sum, n_clip = acc
     acc_g = jax.tree.map(jnp.add, acc_g, summed)
     return acc_g, loss_sum + jnp.sum(jnp.where(v, losses, 0.0)), n_clip + n_clipped
@@ -95,14 +106,57 @@ def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
   return g, {"loss_sum": loss_sum, "count": jnp.sum(valid), "clipped": n_clipped}
 
 
-def privatized_gradient(graphdef, spec: ClientSpec, lora, frozen, batch, valid, key):
-  """One step's gradient estimate: (clipped sum + N(0, (sigma C)^2)) / B.
+def paper_group_privatize(grad: PyTree, clip_norm: float, noise_std: float, key: jax.Array):
+  """The paper's per-group release: each LoRA factor group (all A leaves; all B leaves) of the
+  batch-mean gradient is clipped to L2 norm C as a whole, then N(0, noise_std^2) is added to
+  every coordinate, with an independent key per group (fold_in(key, 0) for A, 1 for B).
 
-  Formal guarantee (private): the Gaussian mechanism with L2 sensitivity C and noise multiplier
+  Returns:
+    (noised gradient, {"a"/"b": pre-clip group norm}, the noise pytree).
+
+  Formal guarantee: each group's clipped value has norm <= C for any batch, so replacing any
+  part of the batch moves it by at most 2C (sensitivity 2C per group); each group release is a
+  Gaussian mechanism with multiplier noise_std / (2C). See `dp.plan` for the composition.
+  """
+  leaves, treedef = jax.tree.flatten(grad)
+  names = jax.tree.leaves(lora_lib.factor_of(grad))
+  out, noise_leaves, norms = list(leaves), [jnp.zeros_like(x) for x in leaves], {}
+  for gi, name in enumerate(("a", "b")):
+    ids = [i for i, n in enumerate(names) if n == name]
+    if not ids:  # FFA: no A group
+      continue
+    norm = clipping.global_norm([leaves[i] for i in ids])
+    finite = jnp.isfinite(norm)
+    factor = jnp.where(finite, jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12)), 0.0)
+    keys = jax.random.split(jax.random.fold_in(key, gi), len(ids))
+    for k, i in zip(keys, ids):
+      z = noise_std * jax.random.normal(k, leaves[i].shape, jnp.float32)
+      out[i] = jnp.where(finite, leaves[i] * factor, 0.0) + z
+      noise_leaves[i] = z
+    norms[name] = norm
+  return (jax.tree.unflatten(treedef, out), norms,
+          jax.tree.unflatten(treedef, noise_leaves))
+
+
+def privatized_gradient(graphdef, spec: ClientSpec, lora, frozen, batch, valid, key):
+  """One step's gradient estimate.
+
+  "sample": (clipped sum + N(0, (sigma C)^2)) / B. "paper": the batch-mean gradient released by
+  `paper_group_privatize`. "none": the mean gradient over the valid examples.
+
+  Formal guarantee ("sample"): the Gaussian mechanism with L2 sensitivity C and noise multiplier
   sigma on the Poisson sample's clipped sum; dividing by the fixed expected batch B is
-  post-processing. Non-private: the mean gradient over the valid examples.
+  post-processing. "paper": see `paper_group_privatize`.
   """
   g_sum, stats = per_example_grads_sum(graphdef, spec, lora, frozen, batch, valid)
+  if spec.mechanism == "paper":
+    denom = jnp.maximum(stats["count"], 1).astype(jnp.float32)
+    mean = jax.tree.map(lambda x: x / denom, g_sum)
+    grad, norms, z = paper_group_privatize(mean, spec.clip_norm, spec.paper_noise_std, key)
+    stats["clipped"] = sum((n > spec.clip_norm).astype(jnp.int32) for n in norms.values())
+    stats["noise_norm"] = clipping.global_norm(z)
+    stats["signal_norm"] = clipping.global_norm(mean)
+    return grad, stats
   if spec.private:
     noised, z = noise.add_gaussian_noise(key, g_sum, jnp.float32(spec.clip_norm),
                                          spec.noise_multiplier)

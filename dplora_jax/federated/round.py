@@ -16,7 +16,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dplora_jax.dp import clipping
-from dplora_jax.federated import client as client_lib
+from dplora_jax.federated import aggregation, client as client_lib
 
 PyTree = Any
 AXIS = "clients"
@@ -27,6 +27,7 @@ class RoundState(NamedTuple):
   round: jax.Array  # int32 scalar: rounds completed
   lora: PyTree
   server_opt: PyTree
+  client_clip: jax.Array  # float32 scalar: S of client-level DP (adaptive clipping moves it)
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
@@ -43,62 +44,77 @@ def make_server_optimizer(name: str, learning_rate: float) -> optax.GradientTran
   raise ValueError(f"fed.server_optimizer={name!r}; expected 'fedavg' or 'fedadam'.")
 
 
-def init_state(lora: PyTree, server_tx: optax.GradientTransformation) -> RoundState:
+def init_state(lora: PyTree, server_tx: optax.GradientTransformation,
+               client_clip: float = 0.0) -> RoundState:
   """A fresh state owning a copy of `lora` (the round donates its state; the caller's LoRA
   arrays stay valid)."""
   lora = jax.tree.map(jnp.copy, lora)
-  return RoundState(jnp.int32(0), lora, server_tx.init(lora))
+  return RoundState(jnp.int32(0), lora, server_tx.init(lora), jnp.float32(client_clip))
 
 
-def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx, mesh):
+def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx, mesh,
+                    client_dp: aggregation.ClientDP | None = None):
   """Builds `round_step(state, frozen, data, idx, valid, weights, client_ids, noise_key)`.
+
+  Args:
+    graphdef, spec, client_tx: the client's model definition, mechanism and optimizer.
+    server_tx: the server optimizer (applied to the negated average update).
+    mesh: a mesh with a "clients" axis.
+    client_dp: client-level DP at the server (DP-FedAvg), or None (weighted FedAvg).
 
   Args (of the returned function):
     state: RoundState (donated).
     frozen: frozen base weights (replicated, never donated).
     data: dict of [K, n_max, T] client examples, sharded over "clients".
     idx, valid: [K, S, Bmax] sampled example indices and masks.
-    weights: [K] float aggregation weights; 0 for unsampled and padding clients.
+    weights: [K] float aggregation weights; 0 for unsampled and padding clients (1 for
+      participants under client-level DP).
     client_ids: [K] int32 global client ids (noise keys derive from them).
-    noise_key: the run's DP-noise key; a client's key for round r is
-      fold_in(fold_in(noise_key, r), client_id), and step s uses fold_in(that, s).
+    noise_key: the run's DP-noise key. It feeds two streams only: clients use
+      fold_in(fold_in(fold_in(noise_key, 0), r), client_id), then fold_in(., step); the server
+      uses fold_in(fold_in(noise_key, 1), r).
 
   Returns:
     (new state, metrics dict of scalars).
 
-  Formal guarantee: each client's update is `client_lib.local_train`, whose every step is a
-  Gaussian mechanism on a Poisson sample of that client's examples; the aggregation and server
-  optimizer only post-process those releases. Zero-weight clients contribute exactly zero.
+  Formal guarantee: each client's update is `client_lib.local_train` (its mechanism is stated
+  there); with `client_dp`, the server's release is `aggregation.privatize_sum` of updates clipped
+  by `aggregation.clip_updates`; everything else post-processes those releases. Zero-weight
+  clients contribute exactly zero.
   """
   local = functools.partial(client_lib.local_train, graphdef, spec, client_tx)
 
-  def per_device(lora, frozen, data, idx, valid, weights, client_ids, round_key):
+  def per_device(lora, frozen, data, idx, valid, weights, client_ids, round_key, client_clip):
     keys = jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
     deltas, stats = jax.vmap(local, in_axes=(None, None, 0, 0, 0, 0))(
         lora, frozen, data, idx, valid, keys)
-    # where(), not multiplication: a padded client's delta is excluded exactly, even if non-finite.
-    w = weights.astype(jnp.float32)
-    take = w > 0
-    weighted = jax.tree.map(
-        lambda d: jnp.einsum("k,k...->...", w, jnp.where(
-            take.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0)), deltas)
-    part = take.astype(jnp.float32)
+    take = weights > 0
     sums = {k: jnp.sum(jnp.where(take, v, 0.0)) for k, v in stats.items()}
-    sums["participants"] = jnp.sum(part)
-    sums["weight"] = jnp.sum(w)
-    return jax.lax.psum((weighted, sums), AXIS)
+    sums["participants"] = jnp.sum(take.astype(jnp.float32))
+    sums["weight"] = jnp.sum(weights.astype(jnp.float32))
+    if client_dp is None:
+      summed = aggregation.weighted_sum(deltas, weights)
+    else:
+      summed, sums["unclipped"], _ = aggregation.clip_updates(deltas, take, client_clip)
+    return jax.lax.psum((summed, sums), AXIS)
 
   sharded = jax.shard_map(
       per_device, mesh=mesh,
-      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P()),
+      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(), P()),
       out_specs=P(), check_vma=False)  # client scans start from replicated zeros
 
   def round_step(state: RoundState, frozen, data, idx, valid, weights, client_ids, noise_key):
-    round_key = jax.random.fold_in(noise_key, state.round)
-    weighted, sums = sharded(state.lora, frozen, data, idx, valid, weights, client_ids,
-                             round_key)
-    denom = jnp.maximum(sums["weight"], 1e-12)
-    avg_delta = jax.tree.map(lambda d: d / denom, weighted)
+    client_key = jax.random.fold_in(jax.random.fold_in(noise_key, 0), state.round)
+    server_key = jax.random.fold_in(jax.random.fold_in(noise_key, 1), state.round)
+    summed, sums = sharded(state.lora, frozen, data, idx, valid, weights, client_ids,
+                           client_key, state.client_clip)
+    extra, client_clip = {}, state.client_clip
+    if client_dp is None:
+      denom = jnp.maximum(sums["weight"], 1e-12)
+      avg_delta = jax.tree.map(lambda d: d / denom, summed)
+    else:
+      avg_delta, client_clip, extra = aggregation.privatize_sum(
+          server_key, summed, sums["unclipped"], state.client_clip, client_dp)
     neg = jax.tree.map(jnp.negative, avg_delta)
     updates, server_opt = server_tx.update(neg, state.server_opt, state.lora)
     new_lora = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype),
@@ -107,8 +123,8 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
     metrics = {"loss": sums["loss"] / n, "clip_fraction": sums["clip_fraction"] / n,
                "noise_norm": sums["noise_norm"] / n, "signal_norm": sums["signal_norm"] / n,
                "participants": sums["participants"],
-               "update_norm": clipping.global_norm(updates)}
-    return RoundState(state.round + 1, new_lora, server_opt), metrics
+               "update_norm": clipping.global_norm(updates), **extra}
+    return RoundState(state.round + 1, new_lora, server_opt, client_clip), metrics
 
   # Pin the state's sharding (replicated) so round 2 sees exactly round 1's input layout and the
   # program compiles once.

@@ -99,7 +99,7 @@ def test_microbatched_clipped_sum_equals_loop_and_noise_law():
   ex = tiny.examples(8)
   valid = jnp.array([1, 1, 0, 1, 1, 1, 0, 1], bool)
   c = 0.05
-  spec = client_lib.ClientSpec(private=True, clip_norm=c, noise_multiplier=0.0,
+  spec = client_lib.ClientSpec(mechanism="sample", clip_norm=c, noise_multiplier=0.0,
                                expected_batch=6, microbatch=4, local_steps=1)
   g_sum, stats_ = jax.jit(lambda l: client_lib.per_example_grads_sum(
       graphdef, spec, l, frozen, ex, valid))(lora)
@@ -114,7 +114,7 @@ def test_microbatched_clipped_sum_equals_loop_and_noise_law():
   assert int(stats_["count"]) == 6
   # privatized gradient: (sum + N(0, (sigma C)^2)) / B
   sigma = 2.0
-  spec = client_lib.ClientSpec(private=True, clip_norm=c, noise_multiplier=sigma,
+  spec = client_lib.ClientSpec(mechanism="sample", clip_norm=c, noise_multiplier=sigma,
                                expected_batch=6, microbatch=4, local_steps=1)
   grad, _ = client_lib.privatized_gradient(graphdef, spec, lora, frozen, ex, valid,
                                            jax.random.key(3))

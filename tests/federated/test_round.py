@@ -14,7 +14,7 @@ from tests import tiny
 def _setup(num_clients=8, n=6, steps=1, bmax=4, private=True, sigma=1.0, clip=0.1, lr=0.5,
            devices=1, weights=None):
   graphdef, lora, frozen = tiny.model_and_lora()
-  spec = client_lib.ClientSpec(private=private, clip_norm=clip, noise_multiplier=sigma,
+  spec = client_lib.ClientSpec(mechanism="sample" if private else "none", clip_norm=clip, noise_multiplier=sigma,
                                expected_batch=3, microbatch=2, local_steps=steps)
   mesh = round_lib.make_mesh(devices)
   server_tx = round_lib.make_server_optimizer("fedavg", 1.0)
