@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import importlib.util
+import os
 from typing import Any, Mapping
 
 from dplora_jax.lora import LoRAConfig
@@ -270,3 +272,22 @@ def from_config_dict(cfg: Mapping[str, Any]) -> RunConfig:
   if unknown:
     raise ValueError(f"unknown config keys {unknown}.")
   return RunConfig(**kwargs, **d)
+
+
+def load_config_file(spec: str):
+  """Loads `path/to/config.py[:arg]` and returns its `get_config(arg)` (an ml_collections config).
+
+  For tools that take a config path without absl flags (launch.privacy, launch.audit).
+
+  Raises:
+    FileNotFoundError / ValueError naming the file.
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} not found.")
+  module_spec = importlib.util.spec_from_file_location("_dplora_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path!r} defines no get_config(arg).")
+  return module.get_config(arg or None)

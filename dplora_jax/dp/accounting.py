@@ -23,6 +23,13 @@ from dplora_jax.dp import sampling
 RDP_ORDERS = ([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
               + [80, 96, 128, 256, 512, 1024])
 SIGMA_MAX = 1000.0
+# Order grids of other libraries, to reproduce their published numbers (REFERENCE.md).
+ORDER_PRESETS = {
+    "default": RDP_ORDERS,
+    "opacus": [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)),
+    "tf_privacy": ([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64))
+                   + [128, 256, 512]),
+}
 
 
 @contextlib.contextmanager
@@ -37,9 +44,12 @@ def _quiet():
     absl_logging.set_verbosity(level)
 
 
-def make_accountant(kind: str = "rdp"):
+def make_accountant(kind: str = "rdp", orders: str = "default"):
+  """A fresh dp-accounting accountant; `orders` names an RDP order grid of ORDER_PRESETS."""
   if kind == "rdp":
-    return rdp.RdpAccountant(RDP_ORDERS)
+    if orders not in ORDER_PRESETS:
+      raise ValueError(f"RDP orders {orders!r}; expected one of {sorted(ORDER_PRESETS)}.")
+    return rdp.RdpAccountant(ORDER_PRESETS[orders])
   if kind == "pld":
     return pld.PLDAccountant(value_discretization_interval=1e-3)
   raise ValueError(f"dp.accountant={kind!r}; expected 'rdp' or 'pld'.")
@@ -59,33 +69,34 @@ def dpsgd_event(sampling_rate: float, noise_multiplier: float, steps: int):
   return dp_accounting.SelfComposedDpEvent(event, steps)
 
 
-def epsilon(event, delta: float, kind: str = "rdp") -> float:
+def epsilon(event, delta: float, kind: str = "rdp", orders: str = "default") -> float:
   """The eps of `event` at `delta`."""
   if isinstance(event, dp_accounting.NonPrivateDpEvent):
     return math.inf
   with _quiet():
-    return float(make_accountant(kind).compose(event).get_epsilon(delta))
+    return float(make_accountant(kind, orders).compose(event).get_epsilon(delta))
 
 
 def dpsgd_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float,
-                  kind: str = "rdp") -> float:
-  return epsilon(dpsgd_event(sampling_rate, noise_multiplier, steps), delta, kind)
+                  kind: str = "rdp", orders: str = "default") -> float:
+  return epsilon(dpsgd_event(sampling_rate, noise_multiplier, steps), delta, kind, orders)
 
 
 def calibrate_noise(sampling_rate: float, steps: int, target_epsilon: float, delta: float,
-                    kind: str = "rdp", field: str = "dp.target_epsilon") -> float:
+                    kind: str = "rdp", field: str = "dp.target_epsilon",
+                    orders: str = "default") -> float:
   """The smallest sigma (to 1e-4) whose eps after `steps` is <= target_epsilon.
 
   Raises:
     ValueError: no sigma <= SIGMA_MAX reaches the target (names `field`).
   """
-  if dpsgd_epsilon(sampling_rate, SIGMA_MAX, steps, delta, kind) > target_epsilon:
+  if dpsgd_epsilon(sampling_rate, SIGMA_MAX, steps, delta, kind, orders) > target_epsilon:
     raise ValueError(f"{field}={target_epsilon} is unreachable: even sigma={SIGMA_MAX} gives more "
                      f"over {steps} steps at q={sampling_rate:.4g}, delta={delta}; raise the "
                      "target, or lower the rounds/steps/batch.")
   with _quiet():
     return float(dp_accounting.calibrate_dp_mechanism(
-        lambda: make_accountant(kind), lambda s: dpsgd_event(sampling_rate, s, steps),
+        lambda: make_accountant(kind, orders), lambda s: dpsgd_event(sampling_rate, s, steps),
         target_epsilon, delta,
         bracket_interval=dp_accounting.ExplicitBracketInterval(1e-3, SIGMA_MAX), tol=1e-4))
 
