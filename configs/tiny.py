@@ -8,7 +8,9 @@ from configs.common import apply_args, base_config
 ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "clients": "fed.num_clients",
         "rounds": "fed.rounds", "mode": "dp.mode", "agg": "fed.aggregation",
         "client_eps": "dp.client_target_epsilon", "noise_seed": "dp.noise_seed",
-        "weighting": "fed.weighting", "client_rate": "fed.client_rate"}
+        "weighting": "fed.weighting", "client_rate": "fed.client_rate",
+        "examples": "data.max_train_examples", "batch": "data.batch_size",
+        "steps": "fed.local_steps", "lr": "optim.learning_rate"}
 
 
 def get_config(arg: str | None = None):

@@ -76,6 +76,12 @@ def _load(cfg: RunConfig):
   return loaded.model, loaded.tokenizer
 
 
+def load_run_tokenizer(cfg: RunConfig):
+  """The tokenizer `cfg`'s run will use (without loading the model weights)."""
+  m = cfg.model
+  return load_tokenizer(m.tokenizer or m.path if m.random_init else m.path)
+
+
 def _data_path(p: str, default: str) -> str:
   p = p or default
   return p if os.path.isabs(p) or os.path.exists(p) else data_lib.packaged(p)

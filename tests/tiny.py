@@ -11,9 +11,9 @@ ARCH = ModelConfig(family="llama", vocab_size=64, hidden_size=16, num_layers=2, 
 T = 12
 
 
-def model_and_lora(rank=2, seed=0, perturb=True):
+def model_and_lora(rank=2, seed=0, perturb=True, freeze_a=False):
   model = build_model(ARCH, seed=seed)
-  lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=rank), jax.random.key(seed))
+  lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=rank, freeze_a=freeze_a), jax.random.key(seed))
   graphdef, lora, frozen = lora_lib.split(model)
   if perturb:  # nonzero B so every factor gets a gradient
     leaves, tree = jax.tree.flatten(lora)
@@ -37,3 +37,34 @@ def examples(n, seed=0):
 def client_data(num_clients, n, seed=0):
   per = [examples(n, seed + k) for k in range(num_clients)]
   return {key: np.stack([p[key] for p in per]) for key in per[0]}
+
+
+def round_setup(num_clients=8, n=6, steps=1, bmax=4, mechanism="sample", sigma=1.0, clip=0.1,
+                lr=0.5, devices=1, weights=None, client_dp=None, client_clip=0.0, freeze_a=False,
+                paper_noise_std=0.0, seed=0):
+  """A compiled round on the tiny model with random samples: (step, state, args, extras)."""
+  import optax
+  from dplora_jax.federated import client as client_lib, round as round_lib
+  graphdef, lora, frozen = model_and_lora(freeze_a=freeze_a)
+  spec = client_lib.ClientSpec(mechanism=mechanism, clip_norm=clip, noise_multiplier=sigma,
+                               expected_batch=3, microbatch=2, local_steps=steps,
+                               paper_noise_std=paper_noise_std)
+  mesh = round_lib.make_mesh(devices)
+  server_tx = round_lib.make_server_optimizer("fedavg", 1.0)
+  step = round_lib.make_round_step(graphdef, spec, optax.sgd(lr), server_tx, mesh, client_dp)
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, n, (num_clients, steps, bmax)).astype(np.int32)
+  valid = rng.random((num_clients, steps, bmax)) < 0.7
+  w = np.ones(num_clients, np.float32) if weights is None else np.asarray(weights, np.float32)
+  args = dict(frozen=round_lib.replicate(mesh, frozen),
+              data=round_lib.shard_clients(mesh, client_data(num_clients, n)),
+              idx=round_lib.shard_clients(mesh, idx), valid=round_lib.shard_clients(mesh, valid),
+              weights=round_lib.shard_clients(mesh, w),
+              client_ids=round_lib.shard_clients(mesh, np.arange(num_clients, dtype=np.int32)),
+              noise_key=jax.random.key(42))
+  state = round_lib.replicate(mesh, round_lib.init_state(lora, server_tx, client_clip))
+  return step, state, args, (graphdef, lora, frozen, spec)
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]

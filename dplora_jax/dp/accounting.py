@@ -94,11 +94,21 @@ def calibrate_noise(sampling_rate: float, steps: int, target_epsilon: float, del
     raise ValueError(f"{field}={target_epsilon} is unreachable: even sigma={SIGMA_MAX} gives more "
                      f"over {steps} steps at q={sampling_rate:.4g}, delta={delta}; raise the "
                      "target, or lower the rounds/steps/batch.")
+  lo = 1e-3
+  if kind == "pld":
+    # A PLD at a tiny sigma is enormous (memory); PLD is tighter than RDP, so the RDP answer is an
+    # upper bracket and half of it a safe lower one (widened if ever needed).
+    hi = calibrate_noise(sampling_rate, steps, target_epsilon, delta, "rdp", field, "default")
+    lo = hi / 2
+    while lo > 1e-3 and dpsgd_epsilon(sampling_rate, lo, steps, delta, "pld") <= target_epsilon:
+      lo /= 2
+  else:
+    hi = SIGMA_MAX
   with _quiet():
     return float(dp_accounting.calibrate_dp_mechanism(
         lambda: make_accountant(kind, orders), lambda s: dpsgd_event(sampling_rate, s, steps),
         target_epsilon, delta,
-        bracket_interval=dp_accounting.ExplicitBracketInterval(1e-3, SIGMA_MAX), tol=1e-4))
+        bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi), tol=1e-4))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ def _label_logprobs_single(graphdef, lora, frozen, tokens, mask, prompt_len, lab
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _sequence_logprob(graphdef, lora, frozen, tokens, mask, targets, loss_mask):
+def sequence_logprob(graphdef, lora, frozen, tokens, mask, targets, loss_mask):
   logits = lora_lib.apply(graphdef, lora, frozen, tokens, mask)
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
   return jnp.sum(jnp.where(loss_mask, logp, 0.0), axis=-1)
@@ -55,7 +55,7 @@ def label_scores(graphdef, lora, frozen, ex: Examples, answers: list[np.ndarray]
       scores = _label_logprobs_single(graphdef, lora, frozen, sub.tokens, sub.mask,
                                       sub.prompt_len, lt)
     else:
-      scores = jnp.stack([_sequence_logprob(graphdef, lora, frozen, *_with_answer(sub, a, pad))
+      scores = jnp.stack([sequence_logprob(graphdef, lora, frozen, *_with_answer(sub, a, pad))
                           for a in answers], axis=1)
     out.append(np.asarray(scores)[:batch_size - pad_rows])
   return np.concatenate(out) if out else np.zeros((0, len(answers)))
