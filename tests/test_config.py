@@ -2,7 +2,7 @@
 
 import pytest
 
-from configs import demo, tiny
+from configs import audit, demo, paper, tiny
 from dplora_jax import config as config_lib
 
 
@@ -21,6 +21,11 @@ def test_demo_and_tiny_configs_convert():
       5, 8, ("q", "k", "v"), 8.0)
   run = config_lib.from_config_dict(tiny.get_config("eps=2,rank=2,mode=none"))
   assert (run.dp.target_epsilon, run.lora.rank, run.dp.mode) == (2.0, 2, "none")
+  run = config_lib.from_config_dict(paper.get_config("rounds=3"))
+  assert (run.dp.mode, run.dp.noise_multiplier, run.dp.clip_norm, run.fed.rounds) == (
+      "paper", 2.0, 10.0, 3)
+  run = config_lib.from_config_dict(audit.get_config("mode=none"))
+  assert (run.dp.mode, run.optim.optimizer) == ("none", "adamw")
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -40,6 +45,31 @@ def test_demo_and_tiny_configs_convert():
     (dict(lora__rank=0), "lora.rank=0"),
     (dict(optim__optimizer="lamb"), "optim.optimizer='lamb'"),
     (dict(data__sampling="shuffle"), "data.sampling='shuffle' with dp.mode='sample'"),
+    # client-level DP
+    (dict(dp__mode="client", fed__weighting="uniform", dp__client_clip_norm=0.0),
+     "dp.client_clip_norm=0.0"),
+    (dict(dp__mode="client", fed__weighting="uniform", dp__client_clip_norm=-2.0),
+     "dp.client_clip_norm=-2.0"),
+    (dict(dp__mode="client"), "fed.weighting='examples' with dp.mode='client'"),
+    (dict(dp__mode="client", fed__weighting="uniform", dp__client_delta=0.5),
+     "dp.client_delta=0.5 >= 1/4"),
+    (dict(dp__mode="client", fed__weighting="uniform", dp__adaptive_clip_quantile=1.0),
+     "dp.adaptive_clip_quantile=1.0"),
+    (dict(fed__client_rate=1.5), "fed.client_rate=1.5"),
+    (dict(fed__client_rate=-0.1), "fed.client_rate=-0.1"),
+    # paper mode
+    (dict(dp__mode="paper", data__sampling="shuffle", fed__local_steps=1, fed__client_rate=0.5),
+     "fed.client_rate=0.5 with dp.mode='paper'"),
+    (dict(dp__mode="paper", data__sampling="shuffle", fed__local_steps=3),
+     "fed.local_steps=3 with dp.mode='paper'"),
+    (dict(dp__mode="paper", fed__local_steps=1), "data.sampling='poisson' with dp.mode='paper'"),
+    (dict(dp__mode="paper", data__sampling="shuffle", fed__local_steps=1,
+          optim__optimizer="adamw"), "optim.optimizer='adamw' with dp.mode='paper'"),
+    (dict(dp__paper_noise="sigma"), "dp.paper_noise='sigma'"),
+    # FFA
+    (dict(fed__aggregation="ffa", lora__init="zero_a"), "fed.aggregation='ffa' with lora.init"),
+    (dict(lora__init="orthogonal"), "lora.init='orthogonal'"),
+    (dict(dp__noise_seed=-5), "dp.noise_seed=-5"),
 ])
 def test_bad_values(overrides, match):
   with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):

@@ -116,3 +116,15 @@ def test_bad_target_and_rank_too_large():
     lora_lib.add_lora(model, lora_lib.LoRAConfig(targets=("qkv_proj",)), jax.random.key(0))
   with pytest.raises(ValueError, match=r"lora.rank=40 exceeds min\(in, out\)=32 of target 'q'"):
     lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=40), jax.random.key(0))
+
+
+def test_zero_a_init_starts_at_the_base_model_and_b_is_random():
+  model = build_model(ModelConfig(family="llama", vocab_size=64, hidden_size=16, num_layers=2,
+                                  num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=24),
+                      seed=0)
+  tokens = jnp.arange(10)[None] % 64
+  base = model(tokens)
+  lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=2, init="zero_a"), jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(model.layers.attn.q.lora_a[...]), 0.0)
+  assert float(jnp.abs(model.layers.attn.q.lora_b[...]).max()) > 0
+  np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(base), atol=1e-6)

@@ -1,0 +1,74 @@
+"""One-run privacy audit: the bound's arithmetic, and the audit on SmolLM2 with and without DP."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from dplora_jax import audit
+from launch import audit as audit_cli
+
+
+def test_p_value_is_the_binomial_tail_without_delta_and_grows_with_delta():
+  # 10 of 10 correct under eps = 0: P(Bin(10, 1/2) >= 10) = 2^-10
+  assert audit.p_value(100, 10, 10, 0.0, 0.0) == pytest.approx(2 ** -10)
+  assert audit.p_value(100, 10, 10, 0.0, 1e-3) > 2 ** -10
+  assert audit.p_value(100, 10, 5, 1.0, 0.0) > audit.p_value(100, 10, 5, 0.0, 0.0)
+
+
+def test_lower_bound_matches_a_hand_computed_all_correct_case():
+  # v = r: p(eps) = q^r with q = e^eps / (1 + e^eps); the bound solves q^r = 0.05
+  r = 50
+  q = 0.05 ** (1 / r)
+  want = math.log(q / (1 - q))
+  assert audit.epsilon_lower_bound(200, r, r, 0.0, 0.95) == pytest.approx(want, abs=1e-5)
+  # chance-level guessing gives no evidence
+  assert audit.epsilon_lower_bound(200, 50, 25, 1e-5) == 0.0
+  # the delta term can only lower the bound
+  assert audit.epsilon_lower_bound(200, r, r, 1e-4) <= want
+
+
+def test_guesses_take_the_extremes():
+  g = audit.guess(np.array([0.1, 5.0, -3.0, 0.2, 4.0, -1.0]), 2, 2)
+  np.testing.assert_array_equal(g, [0, 1, -1, 0, 1, -1])
+  res = audit.audit(np.array([3.0, 2.0, -1.0, -2.0]), np.array([True, True, False, False]),
+                    k_pos=2, k_neg=2, delta=0.0)
+  assert (res["guesses"], res["correct"]) == (4, 4)
+
+
+def test_canaries_have_unique_one_token_answers():
+  from dplora_jax.models import load_tokenizer
+  tok = load_tokenizer("smollm2-135m-instruct")
+  c = audit.make_canaries(tok, 40, prompt="Input: {text}\nAnswer:", max_length=40, seed=1)
+  assert len(set(c.words)) == 40
+  assert c.examples.loss_mask.sum(axis=1).tolist() == [1] * 40
+  parts = c.per_client(3)
+  assert sum(len(p) for p in parts) == c.included.sum()
+
+
+@pytest.fixture(scope="module")
+def audits(tmp_path_factory):
+  out = {}
+  for name, arg in (("none", "mode=none"), ("dp", "mode=sample,eps=1,rounds=3,noise_seed=0")):
+    wd = str(tmp_path_factory.mktemp(name))
+    assert audit_cli.main(["--config", f"configs/audit.py:{arg}", "--workdir", wd,
+                           "--canaries", "100", "--quiet"]) == 0
+    out[name] = json.load(open(os.path.join(wd, "audit.json")))
+  return out
+
+
+def test_audit_detects_leakage_without_dp(audits):
+  a = audits["none"]
+  assert set(a) >= {"epsilon_lower_bound", "epsilon_claimed", "canaries", "confidence"}
+  assert a["canaries"] == 100 and a["confidence"] == 0.95
+  assert a["epsilon_claimed"] == math.inf
+  assert a["epsilon_lower_bound"] > 1.0  # clearly above 0: the canaries leak
+  assert a["mean_score_included"] > a["mean_score_excluded"]
+
+
+def test_audit_with_dp_stays_below_the_claimed_epsilon(audits):
+  a = audits["dp"]
+  assert a["epsilon_claimed"] <= 1.0 + 1e-9
+  assert a["epsilon_lower_bound"] <= a["epsilon_claimed"]
