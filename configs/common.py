@@ -7,6 +7,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # root of every random stream (init, noise, samplers)
   c.log_every = 1  # write metrics.jsonl every this many rounds
+  c.checkpoint_every = 1  # orbax checkpoint every this many rounds (0 = never; last round always)
+  c.checkpoint_keep = 3  # keep the newest K checkpoints
 
   c.model = ml_collections.ConfigDict()
   c.model.path = "smollm2-135m-instruct"  # HF directory, .gguf file, or alias
@@ -91,7 +93,10 @@ def apply_args(c: ml_collections.ConfigDict, arg: str | None, names: dict) -> No
     key, _, value = item.partition("=")
     if key not in names:
       raise ValueError(f"unknown config arg {key!r}; expected one of {sorted(names)}.")
-    section, field = names[key].split(".")
-    old = c[section][field]
-    c[section][field] = type(old)(value) if not isinstance(old, bool) else value in ("1", "true",
-                                                                                      "True")
+    *path, field = names[key].split(".")
+    node = c
+    for part in path:
+      node = node[part]
+    old = node[field]
+    node[field] = type(old)(value) if not isinstance(old, bool) else value in ("1", "true",
+                                                                               "True")

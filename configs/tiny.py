@@ -10,7 +10,8 @@ ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "clients": "fed.num_cli
         "client_eps": "dp.client_target_epsilon", "noise_seed": "dp.noise_seed",
         "weighting": "fed.weighting", "client_rate": "fed.client_rate",
         "examples": "data.max_train_examples", "batch": "data.batch_size",
-        "steps": "fed.local_steps", "lr": "optim.learning_rate"}
+        "steps": "fed.local_steps", "lr": "optim.learning_rate",
+        "server_opt": "fed.server_optimizer", "ckpt_every": "checkpoint_every"}
 
 
 def get_config(arg: str | None = None):

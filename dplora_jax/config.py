@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import importlib.util
+import json
 import os
 from typing import Any, Mapping
 
@@ -207,8 +208,14 @@ class RunConfig:
   optim: OptimConfig
   seed: int = 0
   log_every: int = 1
+  checkpoint_every: int = 1  # save every this many rounds (0 = never); the last round always
+  checkpoint_keep: int = 3  # keep the newest K checkpoints
 
   def __post_init__(self):
+    _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+    _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every,
+           ">= 0 (0 = never)")
+    _check(self.checkpoint_keep >= 1, "checkpoint_keep", self.checkpoint_keep, ">= 1")
     dp, fed = self.dp, self.fed
     if dp.mode in ("sample", "sample+client") and self.data.sampling != "poisson":
       raise ValueError(f"data.sampling={self.data.sampling!r} with dp.mode={dp.mode!r}: "
@@ -245,6 +252,7 @@ class RunConfig:
                        "'gaussian'.")
 
 
+TOP_LEVEL = {"seed", "log_every", "checkpoint_every", "checkpoint_keep"}
 _SECTIONS = {"model": ModelSource, "lora": LoRAConfig, "data": DataConfig, "dp": DPConfig,
              "fed": FedConfig, "optim": OptimConfig}
 
@@ -268,7 +276,7 @@ def from_config_dict(cfg: Mapping[str, Any]) -> RunConfig:
       if isinstance(v, list):
         section[k] = tuple(v)
     kwargs[name] = cls(**section)
-  unknown = sorted(set(d) - {"seed", "log_every"})
+  unknown = sorted(set(d) - TOP_LEVEL)
   if unknown:
     raise ValueError(f"unknown config keys {unknown}.")
   return RunConfig(**kwargs, **d)
@@ -291,3 +299,8 @@ def load_config_file(spec: str):
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path!r} defines no get_config(arg).")
   return module.get_config(arg or None)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+  """The JSON-serialisable nested dict of a RunConfig (tuples become lists)."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg)))

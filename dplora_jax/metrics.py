@@ -43,3 +43,21 @@ class JsonlWriter:
   def write(self, record: dict):
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record) + "\n")
+
+
+class TensorBoardWriter:
+  """The same scalars as metrics.jsonl, as TensorBoard events in WORKDIR/tensorboard."""
+
+  def __init__(self, workdir: str):
+    from tensorboardX import SummaryWriter
+    self.writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+
+  def write(self, record: dict):
+    step = int(record["round"])
+    for k, v in record.items():
+      if k != "round" and isinstance(v, (int, float)) and np.isfinite(v):
+        self.writer.add_scalar(k, float(v), step)
+    self.writer.flush()
+
+  def close(self):
+    self.writer.close()

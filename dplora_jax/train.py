@@ -7,6 +7,7 @@ call of the compiled SPMD `round_step`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -21,11 +22,11 @@ from tqdm.auto import tqdm
 from dplora_jax import lora as lora_lib
 from dplora_jax.config import RunConfig
 from dplora_jax.data import classification as data_lib
-from dplora_jax import report
+from dplora_jax import checkpoint as ckpt_lib, config as config_lib, report
 from dplora_jax.dp import plan as plan_lib, sampling
 from dplora_jax.federated import aggregation, client as client_lib, partition as partition_lib
 from dplora_jax.federated import round as round_lib
-from dplora_jax.metrics import Communication, JsonlWriter, tree_bytes
+from dplora_jax.metrics import Communication, JsonlWriter, TensorBoardWriter, tree_bytes
 from dplora_jax.models import ModelConfig, build_model, load_model, load_tokenizer
 from dplora_jax.tasks import classification as eval_lib
 
@@ -60,6 +61,8 @@ class Setup:
   max_batch: int
   full_model_bytes: int
   factor_bytes: dict  # {"a": bytes of all A, "b": bytes of all B}
+  model_path: str = ""
+  fingerprint: str = ""  # of the base weights (checkpoints reference it)
 
 
 def _load(cfg: RunConfig):
@@ -71,9 +74,10 @@ def _load(cfg: RunConfig):
                       num_kv_heads=m.num_kv_heads, head_dim=m.hidden_size // m.num_heads,
                       intermediate_size=m.intermediate_size, tie_embeddings=True,
                       dtype=m.dtype, param_dtype=m.param_dtype)
-    return build_model(arch, seed=cfg.seed), tok
+    ident = hashlib.sha256(repr((arch, cfg.seed)).encode()).hexdigest()
+    return build_model(arch, seed=cfg.seed), tok, "random:" + ident, "<random init>"
   loaded = load_model(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
-  return loaded.model, loaded.tokenizer
+  return loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.path
 
 
 def load_run_tokenizer(cfg: RunConfig):
@@ -154,7 +158,7 @@ def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
   plan = plan_lib.make_plan(cfg, sizes)
   max_batch = _max_batch(cfg, plan, sizes)
 
-  model, tok = _load(cfg)
+  model, tok, fingerprint, model_path = _load(cfg)
   full_model_bytes = tree_bytes(jax.tree.leaves(model))
   lora_cfg = effective_lora(cfg)
   lora_lib.add_lora(model, lora_cfg, jax.random.fold_in(jax.random.key(cfg.seed), KEY_INIT))
@@ -168,7 +172,7 @@ def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
     clients = [data_lib.concat([c, e]) for c, e in zip(clients, extra_train)]
   answers = data_lib.label_token_ids(tok, d.labels)
   return Setup(cfg, graphdef, lora, frozen, tok, clients, evals, answers, plan, max_batch,
-               full_model_bytes, factor_bytes)
+               full_model_bytes, factor_bytes, model_path, fingerprint)
 
 
 def _stack_clients(clients, num_slots: int):
@@ -183,21 +187,65 @@ def _stack_clients(clients, num_slots: int):
   return out
 
 
+def _check_workdir(workdir: str):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"workdir {workdir!r} is not writable ({e.strerror}); choose another "
+                          "--workdir.") from e
+
+
+def _truncate_metrics(path: str, last_round: int):
+  """Drops metrics lines of rounds after `last_round` (they are redone after a resume)."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    keep = [l for l in f if l.strip() and json.loads(l)["round"] <= last_round]
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(keep)
+
+
 def run(cfg: RunConfig, workdir: str, *, progress: bool = True,
         extra_train: list | None = None) -> dict:
-  """Trains `cfg`; writes workdir/metrics.jsonl and workdir/summary.json.
+  """Trains `cfg`, or resumes it from the newest checkpoint in `workdir`.
+
+  Writes workdir/metrics.jsonl, workdir/tensorboard/, workdir/checkpoints/ (every
+  cfg.checkpoint_every rounds and after the last) and workdir/summary.json.
 
   Returns:
-    The summary dict, plus the final global LoRA pytree under "_lora" and the Setup under
-    "_setup" (neither is written to JSON).
+    The summary dict, plus the final global LoRA pytree under "_lora", the final round state
+    under "_state" and the Setup under "_setup" (none of them written to JSON).
 
   Raises:
     RuntimeError: a guard fired (LoRA did not move in round 1; the budget would be exceeded).
     FloatingPointError: a round produced a non-finite update or metric.
+    CheckpointError: the workdir holds a checkpoint of a different run, or a damaged one.
+    PermissionError: the workdir is not writable.
   """
   t_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  _check_workdir(workdir)
+  ckpt = ckpt_lib.Checkpointer(workdir, cfg.checkpoint_keep) if cfg.checkpoint_every else None
+  resume_round = ckpt.latest() if ckpt else None
+  try:
+    return _run(cfg, workdir, progress, extra_train, ckpt, resume_round, t_start)
+  finally:
+    if ckpt:
+      ckpt.close()
+
+
+def _run(cfg, workdir, progress, extra_train, ckpt, resume_round, t_start):
+  meta = None
+  if resume_round is not None:  # refuse a different run before loading anything
+    meta = ckpt.read_meta(resume_round)
+    ckpt_lib.check_resumable(meta, cfg, path=os.path.join(ckpt.directory, str(resume_round)))
   s = build(cfg, extra_train)
+  if meta is not None:
+    ckpt_lib.check_resumable(meta, cfg, s.fingerprint,
+                             os.path.join(ckpt.directory, str(resume_round)))
   dp = cfg.dp
   k = cfg.fed.num_clients
   mesh = round_lib.make_mesh(min(jax.device_count(), k))
@@ -236,18 +284,44 @@ def run(cfg: RunConfig, workdir: str, *, progress: bool = True,
   a_frozen = effective_lora(cfg).freeze_a
   comm = Communication(lora_lib.nbytes(s.lora), s.full_model_bytes,
                        setup_down=s.factor_bytes["a"] * k if a_frozen else 0)
+  spent = {m.name: 0.0 for m in s.plan.mechanisms}
+  start = 0
   writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
-  if os.path.exists(writer.path):
+  if meta is not None:
+    tree = ckpt.restore_state(resume_round, ckpt_lib.state_tree(state, noise_key))
+    state = round_lib.replicate(mesh, ckpt_lib.restored_round_state(tree, round_lib.RoundState))
+    noise_key = jax.random.wrap_key_data(np.asarray(tree["noise_key"]))
+    key_source = meta["noise_key_source"]
+    sampler.restore(meta["sampler"])
+    client_rng.bit_generator.state = meta["client_rng"]
+    comm.up_total, comm.down_total = meta["comm"]["up_total"], meta["comm"]["down_total"]
+    spent = {m["name"]: m["epsilon"] for m in meta["ledger"]}
+    start = resume_round
+    _truncate_metrics(writer.path, start)
+  elif os.path.exists(writer.path):
     os.remove(writer.path)
+  tb = TensorBoardWriter(workdir)
+
+  def save(r: int):
+    ckpt.save(r, state, noise_key, {
+        "config": config_lib.to_dict(cfg),
+        "model": {"path": s.model_path, "fingerprint": s.fingerprint},
+        "ledger": [{"name": m.name, "unit": m.unit, "rounds": r,
+                    "releases": r * m.releases_per_round, "sampling_rate": m.sampling_rate,
+                    "noise_multiplier": m.noise_multiplier, "delta": m.delta,
+                    "epsilon": spent[m.name]} for m in s.plan.mechanisms],
+        "sampler": sampler.state(), "client_rng": client_rng.bit_generator.state,
+        "comm": {"up_total": comm.up_total, "down_total": comm.down_total},
+        "noise_key_source": key_source})
 
   pad = s.tokenizer.pad_token_id
   n_labels = len(cfg.data.labels)
   before = eval_lib.evaluate(s.graphdef, s.lora, s.frozen, s.eval_examples, s.answers, pad,
                              n_labels)
   initial = jax.tree.map(np.asarray, s.lora)
-  spent = {m.name: 0.0 for m in s.plan.mechanisms}
   compile_s = None
-  bar = tqdm(range(cfg.fed.rounds), desc="rounds", disable=not progress)
+  bar = tqdm(range(start, cfg.fed.rounds), desc="rounds", disable=not progress,
+             initial=start, total=cfg.fed.rounds)
   for r in bar:
     nxt = {m.name: m.epsilon_after(r + 1) for m in s.plan.mechanisms}
     for m in s.plan.mechanisms:
@@ -270,11 +344,12 @@ def run(cfg: RunConfig, workdir: str, *, progress: bool = True,
                                f"{ {k_: float(v) for k_, v in metrics.items()} }; stopping.")
     if compile_s is None:
       compile_s = seconds
-      moved = any(not np.array_equal(a, np.asarray(b)) for a, b in
-                  zip(jax.tree.leaves(initial), jax.tree.leaves(state.lora)))
-      if not moved and metrics["participants"] > 0:
-        raise RuntimeError("guard: the LoRA weights did not move in round 1 (learning rate 0, "
-                           "or every update was zero); refusing to spend privacy on nothing.")
+      if r == 0:
+        moved = any(not np.array_equal(a, np.asarray(b)) for a, b in
+                    zip(jax.tree.leaves(initial), jax.tree.leaves(state.lora)))
+        if not moved and metrics["participants"] > 0:
+          raise RuntimeError("guard: the LoRA weights did not move in round 1 (learning rate 0, "
+                             "or every update was zero); refusing to spend privacy on nothing.")
     spent = nxt
     up, down = comm.record_round(int(metrics["participants"]))
     record = {"round": r + 1, "loss": float(metrics["loss"]),
@@ -289,8 +364,12 @@ def run(cfg: RunConfig, workdir: str, *, progress: bool = True,
         record[key] = float(metrics[key])
     if (r + 1) % cfg.log_every == 0 or r + 1 == cfg.fed.rounds:
       writer.write(record)
+      tb.write(record)
+    if ckpt and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.fed.rounds):
+      save(r + 1)
     bar.set_postfix(loss=f"{record['loss']:.3f}", eps=f"{record['epsilon']:.2f}",
                     MB=f"{comm.up_total / 2**20:.1f}")
+  tb.close()
 
   lora = state.lora
   after = eval_lib.evaluate(s.graphdef, lora, s.frozen, s.eval_examples, s.answers, pad, n_labels)
@@ -300,9 +379,10 @@ def run(cfg: RunConfig, workdir: str, *, progress: bool = True,
       first_round_seconds=compile_s, wall_seconds=time.time() - t_start,
       poisson_overflows=sampler.overflows, noise_key_source=key_source,
       a_frozen=a_frozen)
+  summary["resumed_from_round"] = start if meta is not None else None
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2, default=float)
-  return summary | {"_lora": lora, "_setup": s}
+  return summary | {"_lora": lora, "_state": state, "_setup": s}
 
 
 format_summary = report.format_summary

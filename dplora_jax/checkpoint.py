@@ -1,0 +1,161 @@
+"""Orbax checkpoints of a run, with its privacy ledger, so that a resumed run is the same run.
+
+A checkpoint (one orbax step per saved round, under WORKDIR/checkpoints) holds:
+- "state": the round state (global LoRA, server optimizer state, client-level clip S, round) and
+  the DP-noise key's raw data. Client optimizers are re-initialised every round (clients are
+  stateless), so there is no client optimizer state to save.
+- "meta" (JSON): format version, the full config, the base model's path and fingerprint (the frozen
+  weights are referenced, never saved), the privacy ledger (per mechanism: rounds composed and eps
+  spent), the host samplers' RNG states, communication totals and where the noise key came from.
+
+Saves are synchronous and atomic: orbax writes into a temporary directory and renames it when
+complete, so a kill mid-save leaves no step that `latest()` returns. A failing save (disk full)
+raises and leaves every earlier checkpoint intact. Nothing here ever deletes a finished
+checkpoint except orbax's keep-the-newest-K rotation after a successful save.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from dplora_jax import config as config_lib
+
+FORMAT_VERSION = 1
+# Fields that change neither privacy nor shapes nor numerics: a resumed run may change them.
+PERFORMANCE_FIELDS = ("log_every", "checkpoint_every", "checkpoint_keep", "data.eval_examples",
+                      "data.eval_file")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be used (corrupt, incompatible, newer format) or saved."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out |= _flatten(v, key + ".")
+    else:
+      out[key] = v
+  return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+  """Dotted fields whose values differ (missing on one side counts), performance fields aside."""
+  a, b = _flatten(saved), _flatten(current)
+  return sorted(k for k in set(a) | set(b)
+                if k not in PERFORMANCE_FIELDS and a.get(k, "<missing>") != b.get(k, "<missing>"))
+
+
+def state_tree(state, noise_key: jax.Array) -> dict:
+  """What orbax saves: the round state's fields and the noise key's raw uint32 data."""
+  return {"round": state.round, "lora": state.lora, "server_opt": state.server_opt,
+          "client_clip": state.client_clip, "noise_key": jax.random.key_data(noise_key)}
+
+
+class Checkpointer:
+  """CheckpointManager in WORKDIR/checkpoints keeping the newest `keep` rounds."""
+
+  def __init__(self, workdir: str, keep: int = 3):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True))
+    except OSError as e:
+      raise CheckpointError(f"cannot use checkpoint directory {self.directory}: {e}") from e
+
+  def latest(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, round_: int, state, noise_key, meta: dict):
+    """Saves round `round_` (atomic).
+
+    Raises:
+      CheckpointError: the save failed (e.g. disk full); earlier checkpoints are untouched.
+    """
+    meta = dict(meta, format_version=FORMAT_VERSION, round=round_)
+    try:
+      self.manager.save(round_, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state_tree(state, noise_key)),
+          meta=ocp.args.JsonSave(meta)), force=True)
+    except (OSError, ValueError) as e:
+      previous = [s for s in self.manager.all_steps() if s != round_]
+      raise CheckpointError(
+          f"saving the checkpoint of round {round_} to {self.directory} failed: {e}. The newest "
+          f"intact checkpoint is round {max(previous) if previous else None}; free space or fix "
+          "the directory and rerun the same command to resume from it.") from e
+
+  def read_meta(self, round_: int) -> dict:
+    """The JSON part of a checkpoint (cheap: no arrays), validated.
+
+    Raises:
+      CheckpointError: unreadable, or written by a newer dplora_jax.
+    """
+    path = os.path.join(self.directory, str(round_))
+    try:
+      meta = self.manager.restore(round_, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      meta = dict(meta["meta"])
+    except Exception as e:  # orbax raises many types for damaged files
+      raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: "
+                            f"{e}); move it away to resume from an earlier one.") from e
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+      raise CheckpointError(f"checkpoint {path} has format version {version!r}; this dplora_jax "
+                            f"reads versions <= {FORMAT_VERSION}: upgrade dplora_jax.")
+    return meta
+
+  def restore_state(self, round_: int, target: dict) -> dict:
+    """Restores the arrays of round `round_` into the structure, dtypes and shardings of `target`.
+
+    Raises:
+      CheckpointError: missing or damaged array files, or shapes that do not match.
+    """
+    path = os.path.join(self.directory, str(round_))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+      out = self.manager.restore(round_, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))
+      return out["state"]
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {path} is corrupt or does not match this run "
+                            f"({type(e).__name__}: {e}); move it away to resume from an earlier "
+                            "one.") from e
+
+  def close(self):
+    self.manager.close()
+
+
+def check_resumable(meta: dict, cfg, fingerprint: str | None = None, path: str = ""):
+  """Refuses to resume when the config or base model changed in a way that matters.
+
+  Raises:
+    CheckpointError: naming every changed field (privacy, sampling, clients, LoRA shape, data,
+      seeds...) or the changed model checksum.
+  """
+  changed = config_changes(meta["config"], config_lib.to_dict(cfg))
+  if changed:
+    saved = _flatten(meta["config"])
+    now = _flatten(config_lib.to_dict(cfg))
+    detail = ", ".join(f"{k}: {saved.get(k, '<missing>')!r} -> {now.get(k, '<missing>')!r}"
+                       for k in changed[:8])
+    raise CheckpointError(
+        f"the workdir's checkpoint {path} was written with a different config ({detail}). These "
+        "fields change the privacy guarantee, the shapes or the numbers, so resuming would not be "
+        f"the same run; use a new --workdir. Only {', '.join(PERFORMANCE_FIELDS)} may change.")
+  if fingerprint is not None and meta["model"]["fingerprint"] != fingerprint:
+    raise CheckpointError(
+        f"the base model changed since checkpoint {path}: {meta['model']['path']} had checksum "
+        f"{meta['model']['fingerprint'][:16]}..., now {fingerprint[:16]}...; the LoRA was trained "
+        "on other weights. Use the original model file or a new --workdir.")
+
+
+def restored_round_state(tree: dict, state_cls):
+  return state_cls(tree["round"], tree["lora"], tree["server_opt"], tree["client_clip"])
+

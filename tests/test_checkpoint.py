@@ -1,0 +1,183 @@
+"""Checkpoints: kill -9 and resume is the same run; refused resumes; damaged checkpoints; disk full."""
+
+import errno
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import tiny
+from dplora_jax import checkpoint, config as config_lib, train
+
+ARG = "rounds=4,noise_seed=5,client_rate=0.75,server_opt=fedadam"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cfg(arg=ARG):
+  return config_lib.from_config_dict(tiny.get_config(arg))
+
+
+def _metrics(workdir):
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  for l in lines:
+    l.pop("seconds")
+  return lines
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("reference"))
+  return wd, train.run(_cfg(), wd, progress=False)
+
+
+@pytest.mark.parametrize("kill_round,phase", [(1, "before_save"), (2, "during_save"),
+                                              (3, "after_save")])
+def test_kill_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, reference, kill_round, phase):
+  wd = str(tmp_path)
+  proc = subprocess.run([sys.executable, "-m", "tests.kill_run", wd, ARG, str(kill_round), phase],
+                        cwd=ROOT, capture_output=True, text=True)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  mgr = checkpoint.Checkpointer(wd)
+  # a kill mid-save never leaves a checkpoint that resume would pick up
+  want_latest = kill_round if phase == "after_save" else (kill_round - 1 or None)
+  assert mgr.latest() == want_latest
+  mgr.close()
+  resumed = train.run(_cfg(), wd, progress=False)
+  ref_wd, ref = reference
+  assert resumed["resumed_from_round"] == (want_latest or None) or want_latest is None
+  for a, b in zip(jax.tree.leaves(resumed["_state"]), jax.tree.leaves(ref["_state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # LoRA, server Adam, S, round
+  assert resumed["epsilon"] == ref["epsilon"]
+  assert resumed["privacy"] == ref["privacy"]
+  assert (resumed["bytes_up_total"], resumed["poisson_overflows"]) == (
+      ref["bytes_up_total"], ref["poisson_overflows"])
+  assert _metrics(wd) == _metrics(ref_wd)
+
+
+def test_checkpoint_holds_the_ledger_rng_and_a_model_reference(reference):
+  wd, ref = reference
+  mgr = checkpoint.Checkpointer(wd)
+  meta = mgr.read_meta(mgr.latest())
+  assert meta["round"] == 4 and meta["format_version"] == checkpoint.FORMAT_VERSION
+  [ledger] = meta["ledger"]
+  assert (ledger["name"], ledger["rounds"], ledger["releases"]) == ("example", 4, 8)
+  assert ledger["epsilon"] == ref["epsilon"]
+  assert meta["model"]["fingerprint"].startswith("random:")
+  assert set(meta) >= {"sampler", "client_rng", "config", "comm", "noise_key_source"}
+  # frozen base weights are referenced, not saved: the checkpoint is LoRA-sized
+  size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(wd, "checkpoints", "4", "**"),
+                                                   recursive=True) if os.path.isfile(f))
+  assert size < 20 * ref["lora_bytes"] + 200_000
+  assert size < ref["full_model_bytes"] / 4
+  mgr.close()
+
+
+def test_tensorboard_events_are_written(reference):
+  wd, _ = reference
+  scalars = _read_scalars(os.path.join(wd, "tensorboard"))
+  assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4]
+  assert scalars["epsilon"][-1][1] == pytest.approx(_metrics(wd)[-1]["epsilon"], rel=1e-6)
+
+
+def _read_scalars(logdir):
+  """{tag: [(step, value)]} from TFRecord event files (length, crc, Event proto, crc)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    data = open(path, "rb").read()
+    pos = 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+def _half_run(tmp_path):
+  """A workdir holding the checkpoint of round 2 of 4 (killed right after saving it)."""
+  wd = str(tmp_path / "run")
+  subprocess.run([sys.executable, "-m", "tests.kill_run", wd, ARG, "2", "after_save"], cwd=ROOT,
+                 capture_output=True)
+  return wd
+
+
+def test_resume_refuses_a_changed_privacy_field_and_accepts_a_changed_cadence(tmp_path):
+  wd = _half_run(tmp_path)
+  for arg, field in ((ARG + ",eps=4", "dp.target_epsilon"), (ARG + ",rank=2", "lora.rank"),
+                     (ARG + ",clients=3", "fed.num_clients"),
+                     (ARG.replace("client_rate=0.75", "client_rate=0.5"), "fed.client_rate")):
+    with pytest.raises(checkpoint.CheckpointError, match=field.replace(".", r"\.")):
+      train.run(_cfg(arg), wd, progress=False)
+  c = tiny.get_config(ARG)
+  with c.unlocked():
+    c.log_every = 2
+    c.checkpoint_every = 2
+  out = train.run(config_lib.from_config_dict(c), wd, progress=False)
+  assert out["resumed_from_round"] == 2
+  assert [l["round"] for l in _metrics(wd)] == [1, 2, 4]
+
+
+def test_changed_base_model_checksum_is_refused(reference):
+  wd, _ = reference
+  mgr = checkpoint.Checkpointer(wd)
+  meta = mgr.read_meta(4)
+  with pytest.raises(checkpoint.CheckpointError, match="the base model changed"):
+    checkpoint.check_resumable(meta, _cfg(), fingerprint="0" * 64)
+  checkpoint.check_resumable(meta, _cfg(), fingerprint=meta["model"]["fingerprint"])
+  mgr.close()
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_is_not_deleted(tmp_path):
+  wd = _half_run(tmp_path)
+  for f in glob.glob(os.path.join(wd, "checkpoints", "2", "state", "**", "d", "*"),
+                     recursive=True):
+    with open(f, "r+b") as fh:
+      fh.truncate(3)
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/2 is corrupt"):
+    train.run(_cfg(), wd, progress=False)
+  assert os.path.isdir(os.path.join(wd, "checkpoints", "2"))
+  assert os.path.isdir(os.path.join(wd, "checkpoints", "1"))
+
+
+def test_newer_format_is_refused(tmp_path):
+  wd = _half_run(tmp_path)
+  meta_file = os.path.join(wd, "checkpoints", "2", "meta", "metadata")
+  meta = json.load(open(meta_file))
+  meta["format_version"] = 99
+  json.dump(meta, open(meta_file, "w"))
+  with pytest.raises(checkpoint.CheckpointError, match="format version 99"):
+    train.run(_cfg(), wd, progress=False)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+  wd = str(tmp_path)
+  real = ocp.CheckpointManager.save
+
+  def full(self, step, *a, **kw):
+    if step == 3:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real(self, step, *a, **kw)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+  with pytest.raises(checkpoint.CheckpointError, match=r"round 3 .* failed: .*No space left.* "
+                     r"newest intact checkpoint is round 2"):
+    train.run(_cfg(), wd, progress=False)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real)
+  out = train.run(_cfg(), wd, progress=False)  # resumes from round 2
+  assert out["resumed_from_round"] == 2
+
+
+def test_workdir_that_is_not_writable_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(PermissionError, match="is not writable"):
+    train.run(_cfg(), str(blocker / "run"), progress=False)
