@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.use_rslora = False  # scaling = alpha / sqrt(r)
   c.lora.init = "kaiming"  # kaiming (PEFT: A kaiming-uniform, B 0), gaussian, zero_a (A 0, B random)
   c.lora.freeze_a = False  # FFA-LoRA: A fixed, B trained
+  c.lora.init_from = ""  # start from a PEFT adapter directory ("" = random init)
 
   c.data = ml_collections.ConfigDict()
   c.data.train_file = "tfns/train.jsonl"  # jsonl/json/csv with text, label (packaged or a path)

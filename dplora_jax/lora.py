@@ -43,6 +43,8 @@ class LoRAConfig:
     init: "kaiming" (A kaiming-uniform as PEFT, B = 0), "gaussian" (A ~ N(0, 1/r^2), B = 0) or
       "zero_a" (the transposed convention: A = 0, B kaiming-uniform; not usable with FFA).
     freeze_a: keep A at its initial value and train B only (FFA-LoRA).
+    init_from: start from the factors of a PEFT adapter directory (rank, alpha, targets must
+      match).
   """
   rank: int = 8
   alpha: float = 16.0
@@ -50,6 +52,7 @@ class LoRAConfig:
   use_rslora: bool = False
   init: str = "kaiming"
   freeze_a: bool = False
+  init_from: str = ""  # a PEFT adapter directory to start from ("" = random init)
 
   def __post_init__(self):
     if int(self.rank) <= 0:

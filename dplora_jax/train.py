@@ -144,6 +144,17 @@ def effective_lora(cfg: RunConfig):
   return cfg.lora
 
 
+def attach_lora(model, cfg: RunConfig):
+  """Attaches the run's initial LoRA: from `lora.init_from` (a PEFT adapter) or random from the
+  run's init key. Deterministic, so FFA's frozen A is rebuilt identically when exporting."""
+  lora_cfg = effective_lora(cfg)
+  if lora_cfg.init_from:
+    from dplora_jax import peft
+    peft.load_adapter(model, lora_cfg.init_from, expect=lora_cfg)
+  else:
+    lora_lib.add_lora(model, lora_cfg, jax.random.fold_in(jax.random.key(cfg.seed), KEY_INIT))
+
+
 def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
   """Loads model and data, partitions clients and fixes the privacy plan (all checks first).
 
@@ -160,8 +171,7 @@ def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
 
   model, tok, fingerprint, model_path = _load(cfg)
   full_model_bytes = tree_bytes(jax.tree.leaves(model))
-  lora_cfg = effective_lora(cfg)
-  lora_lib.add_lora(model, lora_cfg, jax.random.fold_in(jax.random.key(cfg.seed), KEY_INIT))
+  attach_lora(model, cfg)
   factor_bytes = lora_lib.factor_bytes(model)
   graphdef, lora, frozen = lora_lib.split(model)
   kw = dict(labels=d.labels, prompt=d.prompt, max_length=d.max_length)

@@ -7,6 +7,7 @@
 import argparse
 import sys
 
+from dplora_jax import peft
 from dplora_jax.generate import generate
 from dplora_jax.models import load_model
 from dplora_jax.models.tokenizer import encode
@@ -22,6 +23,7 @@ def parse(argv):
   p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
   p.add_argument("--no-chat-template", action="store_true", help="feed the raw prompt")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--lora", default="", help="a PEFT LoRA adapter directory to apply")
   return p.parse_args(argv)
 
 
@@ -29,6 +31,8 @@ def main(argv=None):
   args = parse(argv)
   loaded = load_model(args.model, dtype=args.dtype)
   tok = loaded.tokenizer
+  if args.lora:
+    peft.load_adapter(loaded.model, args.lora)
   if tok.chat_template and not args.no_chat_template:
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                    add_generation_prompt=True)

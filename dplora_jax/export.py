@@ -1,0 +1,82 @@
+"""From a training workdir to files other tools load: a PEFT adapter or a merged HF model."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from dplora_jax import checkpoint as ckpt_lib, config as config_lib, lora as lora_lib
+from dplora_jax import peft
+from dplora_jax.federated import round as round_lib
+
+
+def load_trained(workdir: str):
+  """Rebuilds the base model of a workdir's run with the LoRA of its newest checkpoint.
+
+  Returns:
+    (model with the trained LoRA attached, RunConfig, checkpoint meta, tokenizer, model path).
+
+  Raises:
+    CheckpointError: no checkpoint, a damaged one, or a base model whose checksum changed.
+  """
+  from dplora_jax import train
+  ckpt = ckpt_lib.Checkpointer(workdir)
+  try:
+    latest = ckpt.latest()
+    if latest is None:
+      raise ckpt_lib.CheckpointError(f"{workdir!r} holds no checkpoint (expected "
+                                     f"{ckpt.directory}/<round>); train with checkpoint_every > 0.")
+    meta = ckpt.read_meta(latest)
+    cfg = config_lib.from_config_dict(meta["config"])
+    model, tok, fingerprint, path = train._load(cfg)
+    ckpt_lib.check_resumable(meta, cfg, fingerprint, os.path.join(ckpt.directory, str(latest)))
+    train.attach_lora(model, cfg)
+    graphdef, lora, frozen = lora_lib.split(model)
+    server_tx = round_lib.make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)
+    target = ckpt_lib.state_tree(round_lib.init_state(lora, server_tx), jax.random.key(0))
+    tree = ckpt.restore_state(latest, target)
+    model = lora_lib.merge(graphdef, tree["lora"], frozen)
+  finally:
+    ckpt.close()
+  return model, cfg, meta, tok, path
+
+
+def privacy_readme(cfg, meta: dict) -> str:
+  """The adapter's README: what it is and the privacy it was trained under."""
+  lines = ["# dplora_jax LoRA adapter", "",
+           f"Trained with dplora_jax: dp.mode = `{cfg.dp.mode}`, fed.aggregation = "
+           f"`{cfg.fed.aggregation}`, {meta['round']} of {cfg.fed.rounds} rounds, "
+           f"{cfg.fed.num_clients} clients, LoRA r = {cfg.lora.rank} on {list(cfg.lora.targets)}.",
+           f"Base model: `{meta['model']['path']}` (checksum {meta['model']['fingerprint']}).",
+           "", "## Privacy", ""]
+  if not meta["ledger"]:
+    lines.append("No differential privacy (dp.mode = 'none').")
+  for m in meta["ledger"]:
+    lines.append(f"- {m['name']}-level: eps = {m['epsilon']:.4f}, delta = {m['delta']:.3g}; unit: "
+                 f"{m['unit']}; noise multiplier {m['noise_multiplier']:.4f}, sampling rate "
+                 f"{m['sampling_rate']:.4g}, {m['releases']} releases (dp-accounting, "
+                 f"{cfg.dp.accountant}).")
+  lines += ["", "Load with `peft.PeftModel.from_pretrained(base_model, this_directory)`.", ""]
+  return "\n".join(lines)
+
+
+def export_workdir(workdir: str, out: str, *, merged: bool = False) -> str:
+  """Writes the newest checkpoint of `workdir` as a PEFT adapter (or a merged HF model) to `out`."""
+  model, cfg, meta, tok, path = load_trained(workdir)
+  if merged:
+    if cfg.model.random_init:
+      raise ValueError("a merged export needs a real base model; this run used model.random_init.")
+    from dplora_jax.models import load_model
+    loaded = load_model(path, with_tokenizer=False)
+    peft.export_merged(model, loaded.config, tok, out, source_path=path)
+    with open(os.path.join(out, "README.md"), "w") as f:
+      f.write(privacy_readme(cfg, meta).replace("LoRA adapter", "merged model (base + LoRA)"))
+    return out
+  return peft.export_adapter(model, train_lora(cfg), out, base_model=path,
+                             readme=privacy_readme(cfg, meta))
+
+
+def train_lora(cfg):
+  from dplora_jax import train
+  return train.effective_lora(cfg)

@@ -1,0 +1,113 @@
+"""PEFT interop: our adapter in peft, peft's adapter in ours, merged export in transformers."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny as tiny_config
+from dplora_jax import config as config_lib, export, lora as lora_lib, peft, train
+from dplora_jax.models import load_model
+from tests import hf_fixtures
+
+torch = pytest.importorskip("torch")
+peft_lib = pytest.importorskip("peft")
+
+TARGETS = {"llama": ("q", "k", "v", "o", "gate", "up", "down"),
+           "gpt2": ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")}
+TOKENS = np.random.default_rng(0).integers(0, 128, size=(2, 13)).astype(np.int32)
+
+
+def _with_random_lora(path, family, rank=4, alpha=8.0, rslora=False):
+  loaded = load_model(str(path), with_tokenizer=False)
+  cfg = lora_lib.LoRAConfig(rank=rank, alpha=alpha, targets=TARGETS[family], use_rslora=rslora)
+  lora_lib.add_lora(loaded.model, cfg, jax.random.key(1))
+  for dense in lora_lib.adapted_denses(loaded.model).values():  # B = 0 would test nothing
+    dense.lora_b = lora_lib.layers.LoRAParam(
+        0.05 * jax.random.normal(jax.random.key(2), dense.lora_b[...].shape))
+  return loaded, cfg
+
+
+@pytest.mark.parametrize("family,rslora", [("llama", False), ("llama", True), ("gpt2", False)])
+def test_exported_adapter_loads_in_peft_with_the_same_logits(tmp_path, family, rslora):
+  base = hf_fixtures.write_hf(tmp_path / "base", family)
+  loaded, cfg = _with_random_lora(tmp_path / "base", family, rslora=rslora)
+  out = peft.export_adapter(loaded.model, cfg, str(tmp_path / "adapter"),
+                            base_model=str(tmp_path / "base"))
+  meta = json.load(open(os.path.join(out, "adapter_config.json")))
+  assert (meta["peft_type"], meta["r"], meta["fan_in_fan_out"]) == ("LORA", 4, family == "gpt2")
+  model = peft_lib.PeftModel.from_pretrained(base, out)
+  model.eval()
+  want = hf_fixtures.torch_logits(model, TOKENS)
+  got = np.asarray(loaded.model(TOKENS))
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  # the adapter changes the logits (the comparison is not base vs base)
+  plain = load_model(str(tmp_path / "base"), with_tokenizer=False).model(TOKENS)
+  assert np.abs(np.asarray(plain) - want).max() > 1e-3
+
+
+def test_merged_export_loads_in_transformers_with_the_same_logits(tmp_path):
+  hf_fixtures.write_hf(tmp_path / "base", "llama", tokenizer=True)
+  loaded, _ = _with_random_lora(tmp_path / "base", "llama")
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  peft.export_merged(loaded.model, loaded.config, None, str(tmp_path / "merged"),
+                     source_path=str(tmp_path / "base"))
+  assert os.path.isfile(tmp_path / "merged" / "tokenizer.json")
+  model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+  AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+  np.testing.assert_allclose(np.asarray(loaded.model(TOKENS)),
+                             hf_fixtures.torch_logits(model.eval(), TOKENS), atol=1e-4)
+
+
+def test_adapter_saved_by_peft_loads_into_dplora_jax(tmp_path):
+  base = hf_fixtures.write_hf(tmp_path / "base", "llama")
+  cfg = peft_lib.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                            init_lora_weights=False, task_type="CAUSAL_LM")
+  model = peft_lib.get_peft_model(base, cfg)
+  model.eval()
+  want = hf_fixtures.torch_logits(model, TOKENS)
+  model.save_pretrained(str(tmp_path / "theirs"))
+  ours = load_model(str(tmp_path / "base"), with_tokenizer=False)
+  got_cfg = peft.load_adapter(ours.model, str(tmp_path / "theirs"))
+  assert got_cfg.targets == ("q", "v", "down") and got_cfg.rank == 4
+  np.testing.assert_allclose(np.asarray(ours.model(TOKENS)), want, atol=1e-4)
+
+
+def test_workdir_export_and_init_from_round_trip(tmp_path):
+  wd = str(tmp_path / "run")
+  cfg = config_lib.from_config_dict(tiny_config.get_config("rounds=2,noise_seed=0"))
+  result = train.run(cfg, wd, progress=False)
+  out = export.export_workdir(wd, str(tmp_path / "adapter"))
+  readme = open(os.path.join(out, "README.md")).read()
+  assert f"eps = {result['epsilon']:.4f}" in readme and "one example of one client" in readme
+  # the exported adapter, loaded on the same base, reproduces the trained model
+  model, _, _, _ = train._load(cfg)[:4]
+  peft.load_adapter(model, out)
+  s = result["_setup"]
+  trained = lora_lib.apply(s.graphdef, result["_lora"], s.frozen, TOKENS)
+  np.testing.assert_allclose(np.asarray(model(TOKENS)), np.asarray(trained), atol=1e-5)
+  # start a new run from it
+  c = tiny_config.get_config("rounds=1,noise_seed=1")
+  with c.unlocked():
+    c.lora.init_from = out
+  setup = train.build(config_lib.from_config_dict(c))
+  for a, b in zip(jax.tree.leaves(setup.lora), jax.tree.leaves(result["_lora"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
+  with c.unlocked():
+    c.lora.rank = 2
+  with pytest.raises(ValueError, match="the adapter has rank=4 but the config says lora.rank=2"):
+    train.build(config_lib.from_config_dict(c))
+
+
+def test_bad_adapter_directories(tmp_path):
+  hf_fixtures.write_hf(tmp_path / "base", "llama")
+  m = load_model(str(tmp_path / "base"), with_tokenizer=False).model
+  with pytest.raises(FileNotFoundError, match="is not a PEFT adapter directory"):
+    peft.load_adapter(m, str(tmp_path / "nothing"))
+  os.makedirs(tmp_path / "dora")
+  json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+             "use_dora": True}, open(tmp_path / "dora" / "adapter_config.json", "w"))
+  with pytest.raises(ValueError, match="use_dora=True is not supported"):
+    peft.load_adapter(m, str(tmp_path / "dora"))
