@@ -170,6 +170,15 @@ def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
   max_batch = _max_batch(cfg, plan, sizes)
 
   model, tok, fingerprint, model_path = _load(cfg)
+  arch = model.config
+  if d.max_length > arch.max_position_embeddings:
+    raise ValueError(f"data.max_length={d.max_length} exceeds the model's "
+                     f"max_position_embeddings={arch.max_position_embeddings} ({model_path}); "
+                     "lower data.max_length.")
+  if len(tok) > arch.vocab_size:
+    raise ValueError(f"tokenizer mismatch: the tokenizer of {cfg.model.tokenizer or model_path} "
+                     f"has {len(tok)} tokens but the model embeds only {arch.vocab_size}; use the "
+                     "model's own tokenizer (model.tokenizer).")
   full_model_bytes = tree_bytes(jax.tree.leaves(model))
   attach_lora(model, cfg)
   factor_bytes = lora_lib.factor_bytes(model)

@@ -70,6 +70,20 @@ def test_demo_and_tiny_configs_convert():
     (dict(fed__aggregation="ffa", lora__init="zero_a"), "fed.aggregation='ffa' with lora.init"),
     (dict(lora__init="orthogonal"), "lora.init='orthogonal'"),
     (dict(dp__noise_seed=-5), "dp.noise_seed=-5"),
+    # LoRA and data fields
+    (dict(lora__alpha=0.0), "lora.alpha=0.0"),
+    (dict(data__max_length=4), "data.max_length=4"),
+    (dict(data__batch_size=0), "data.batch_size=0"),
+    (dict(data__eval_examples=-1), "data.eval_examples=-1"),
+    (dict(data__labels=("only",)), "data.labels=('only',)"),
+    (dict(data__prompt="no placeholder"), "data.prompt='no placeholder'"),
+    (dict(fed__rounds=0), "fed.rounds=0"),
+    (dict(fed__local_steps=0), "fed.local_steps=0"),
+    (dict(fed__dirichlet_alpha=0.0), "fed.dirichlet_alpha=0.0"),
+    (dict(fed__server_lr=0.0), "fed.server_lr=0.0"),
+    (dict(optim__learning_rate=-1.0), "optim.learning_rate=-1.0"),
+    (dict(optim__microbatch_size=0), "optim.microbatch_size=0"),
+    (dict(dp__truncation_delta_fraction=1.0), "dp.truncation_delta_fraction=1.0"),
 ])
 def test_bad_values(overrides, match):
   with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
@@ -86,3 +100,13 @@ def test_unknown_key():
 def test_unknown_short_arg():
   with pytest.raises(ValueError, match="unknown config arg 'epochs'"):
     tiny.get_config("epochs=3")
+
+
+@pytest.mark.parametrize("field,value", [("checkpoint_every", -1), ("checkpoint_keep", 0),
+                                         ("log_every", 0)])
+def test_bad_top_level_values(field, value):
+  c = tiny.get_config()
+  with c.unlocked():
+    c[field] = value
+  with pytest.raises(ValueError, match=f"{field}={value}"):
+    config_lib.from_config_dict(c)
