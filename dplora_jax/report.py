@@ -65,6 +65,13 @@ def privacy_lines(mechs: list[dict]) -> list[str]:
   return lines
 
 
+def _size(n: float) -> str:
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{int(n)} B"
+
+
 def format_summary(s: dict) -> str:
   """The human report `make demo` prints."""
   b, a = s["eval"]["before"], s["eval"]["after"]
@@ -78,9 +85,9 @@ def format_summary(s: dict) -> str:
   lines += [
       f"  zero-shot : accuracy {b['accuracy']:.3f}, macro F1 {b['f1_macro']:.3f}  (n={b['n']})",
       f"  fine-tuned: accuracy {a['accuracy']:.3f}, macro F1 {a['f1_macro']:.3f}",
-      f"  sent up {s['bytes_up_total'] / 2**20:.2f} MiB "
-      f"(LoRA {s['lora_bytes'] / 2**20:.2f} MiB per client per round; full model "
-      f"{s['full_model_bytes'] / 2**20:.0f} MiB: {ratio:.2%} of sending it)",
+      f"  sent up {_size(s['bytes_up_total'])} "
+      f"(LoRA {_size(s['lora_bytes'])} per client per round; full model "
+      f"{_size(s['full_model_bytes'])}: {ratio:.2%} of sending it)",
       f"  wall time {s['wall_seconds']:.0f} s",
   ]
   return "\n".join(lines)

@@ -1,12 +1,18 @@
-"""Train a DP federated LoRA run.
+"""Train a DP federated LoRA run; rerunning with the same --workdir resumes it.
 
   python -m launch.train --config configs/demo.py[:k=v,...] --workdir DIR [--config.a.b=v]
+
+A workdir that holds checkpoints of this run continues from the newest one (same privacy ledger,
+RNG state and noise key); one written by a different config is refused.
 """
 
-from absl import app, flags
+import sys
+
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dplora_jax import config as config_lib
+from dplora_jax import checkpoint, config as config_lib
 from dplora_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
@@ -19,10 +25,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   cfg = config_lib.from_config_dict(_CONFIG.value)
-  summary = train.run(cfg, _WORKDIR.value, progress=not _QUIET.value)
+  try:
+    summary = train.run(cfg, _WORKDIR.value, progress=not _QUIET.value)
+  except (checkpoint.CheckpointError, PermissionError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if summary["resumed_from_round"] is not None:
+    print(f"resumed from the checkpoint of round {summary['resumed_from_round']}")
   print(train.format_summary(summary))
-  print(f"metrics: {_WORKDIR.value}/metrics.jsonl  summary: {_WORKDIR.value}/summary.json")
+  print(f"metrics: {_WORKDIR.value}/metrics.jsonl  summary: {_WORKDIR.value}/summary.json  "
+        f"tensorboard: {_WORKDIR.value}/tensorboard  checkpoints: {_WORKDIR.value}/checkpoints")
+  return 0
 
 
 if __name__ == "__main__":
