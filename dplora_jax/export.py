@@ -73,10 +73,6 @@ def export_workdir(workdir: str, out: str, *, merged: bool = False) -> str:
     with open(os.path.join(out, "README.md"), "w") as f:
       f.write(privacy_readme(cfg, meta).replace("LoRA adapter", "merged model (base + LoRA)"))
     return out
-  return peft.export_adapter(model, train_lora(cfg), out, base_model=path,
-                             readme=privacy_readme(cfg, meta))
-
-
-def train_lora(cfg):
   from dplora_jax import train
-  return train.effective_lora(cfg)
+  return peft.export_adapter(model, train.effective_lora(cfg), out, base_model=path,
+                             readme=privacy_readme(cfg, meta))
