@@ -29,7 +29,7 @@ def load_trained(workdir: str):
                                      f"{ckpt.directory}/<round>); train with checkpoint_every > 0.")
     meta = ckpt.read_meta(latest)
     cfg = config_lib.from_config_dict(meta["config"])
-    model, tok, fingerprint, path = train._load(cfg)
+    model, tok, fingerprint, path = train.load_base(cfg)
     ckpt_lib.check_resumable(meta, cfg, fingerprint, os.path.join(ckpt.directory, str(latest)))
     train.attach_lora(model, cfg)
     graphdef, lora, frozen = lora_lib.split(model)

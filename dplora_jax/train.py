@@ -65,7 +65,8 @@ class Setup:
   fingerprint: str = ""  # of the base weights (checkpoints reference it)
 
 
-def _load(cfg: RunConfig):
+def load_base(cfg: RunConfig):
+  """(model, tokenizer, fingerprint, path) of the run's base model (no LoRA)."""
   m = cfg.model
   if m.random_init:
     tok = load_tokenizer(m.tokenizer or m.path)
@@ -169,7 +170,7 @@ def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
   plan = plan_lib.make_plan(cfg, sizes)
   max_batch = _max_batch(cfg, plan, sizes)
 
-  model, tok, fingerprint, model_path = _load(cfg)
+  model, tok, fingerprint, model_path = load_base(cfg)
   arch = model.config
   if d.max_length > arch.max_position_embeddings:
     raise ValueError(f"data.max_length={d.max_length} exceeds the model's "

@@ -83,7 +83,7 @@ def test_workdir_export_and_init_from_round_trip(tmp_path):
   readme = open(os.path.join(out, "README.md")).read()
   assert f"eps = {result['epsilon']:.4f}" in readme and "one example of one client" in readme
   # the exported adapter, loaded on the same base, reproduces the trained model
-  model, _, _, _ = train._load(cfg)[:4]
+  model = train.load_base(cfg)[0]
   peft.load_adapter(model, out)
   s = result["_setup"]
   trained = lora_lib.apply(s.graphdef, result["_lora"], s.frozen, TOKENS)
