@@ -17,7 +17,9 @@ probability.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 
 import numpy as np
 from scipy import optimize, special, stats
@@ -164,10 +166,7 @@ def run_audit(cfg, workdir: str, *, canaries: int = 200, confidence: float = 0.9
   Returns:
     The audit dict (also written to workdir/audit.json).
   """
-  import json
-  import os
-
-  from dplora_jax import train
+  from dplora_jax import train  # train does not import audit; imported here to keep audit light
   if not 0 < guess_fraction <= 0.5:
     raise ValueError(f"guess_fraction={guess_fraction}; expected a number in (0, 0.5].")
   if not 0 < confidence < 1:

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dplora_jax.dp import clipping
+from dplora_jax.dp import clipping, noise
 
 PyTree = Any
 
@@ -101,13 +101,9 @@ def privatize_sum(key: jax.Array, clipped_sum: PyTree, unclipped: jax.Array,
   (post-processing).
   """
   k_sum, k_count = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-  leaves, treedef = jax.tree.flatten(clipped_sum)
-  keys = jax.random.split(k_sum, len(leaves))
-  std = spec.sum_noise * clip_norm
-  noise = [std * jax.random.normal(k, x.shape, jnp.float32) for k, x in zip(keys, leaves)]
-  avg = jax.tree.unflatten(treedef, [(x + z) / spec.expected_clients
-                                     for x, z in zip(leaves, noise)])
-  stats = {"server_noise_norm": clipping.global_norm(noise) / spec.expected_clients,
+  noise_tree = noise.gaussian_noise_like(k_sum, clipped_sum, spec.sum_noise * clip_norm)
+  avg = jax.tree.map(lambda x, z: (x + z) / spec.expected_clients, clipped_sum, noise_tree)
+  stats = {"server_noise_norm": clipping.global_norm(noise_tree) / spec.expected_clients,
            "client_clip_norm": clip_norm}
   new_clip = clip_norm
   if spec.adaptive:

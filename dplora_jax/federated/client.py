@@ -128,9 +128,9 @@ def paper_group_privatize(grad: PyTree, clip_norm: float, noise_std: float, key:
     norm = clipping.global_norm([leaves[i] for i in ids])
     finite = jnp.isfinite(norm)
     factor = jnp.where(finite, jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12)), 0.0)
-    keys = jax.random.split(jax.random.fold_in(key, gi), len(ids))
-    for k, i in zip(keys, ids):
-      z = noise_std * jax.random.normal(k, leaves[i].shape, jnp.float32)
+    zs = noise.gaussian_noise_like(jax.random.fold_in(key, gi), [leaves[i] for i in ids],
+                                   jnp.float32(noise_std))
+    for z, i in zip(zs, ids):
       out[i] = jnp.where(finite, leaves[i] * factor, 0.0) + z
       noise_leaves[i] = z
     norms[name] = norm
