@@ -17,6 +17,7 @@ checkpoint except orbax's keep-the-newest-K rotation after a successful save.
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -58,16 +59,26 @@ def state_tree(state, noise_key: jax.Array) -> dict:
 
 
 class Checkpointer:
-  """CheckpointManager in WORKDIR/checkpoints keeping the newest `keep` rounds."""
+  """CheckpointManager in WORKDIR/checkpoints keeping the newest `keep` rounds.
 
-  def __init__(self, workdir: str, keep: int = 3):
+  A writer (the training run) first deletes, synchronously, the temporary directories a killed
+  save left behind. Orbax's own cleanup (`cleanup_tmp_directories`) runs in a background thread
+  that `close()` does not wait for, so two managers opened one after the other on the same
+  directory raced to delete the same files. A reader (`read_only=True`: export, inspection) never
+  deletes anything, so it is safe to open while a run is saving.
+  """
+
+  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     try:
+      if not read_only:
+        _remove_unfinished_saves(self.directory)
       self.manager = ocp.CheckpointManager(
           self.directory,
-          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True))
+          options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                               create=not read_only,
+                                               read_only=read_only,
+                                               enable_async_checkpointing=False))
     except OSError as e:
       raise CheckpointError(f"cannot use checkpoint directory {self.directory}: {e}") from e
 
@@ -130,6 +141,19 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def _remove_unfinished_saves(directory: str):
+  """Deletes the orbax temporary directories of saves that never committed (a killed run)."""
+  if not os.path.isdir(directory):
+    return
+
+  for name in os.listdir(directory):
+    if ocp.utils.TMP_DIR_SUFFIX in name:
+      path = os.path.join(directory, name)
+      shutil.rmtree(path, ignore_errors=True)  # tolerant of anything deleting the same files
+      if os.path.exists(path):
+        raise OSError(f"cannot delete the unfinished save {path}")
 
 
 def check_resumable(meta: dict, cfg, fingerprint: str | None = None, path: str = ""):

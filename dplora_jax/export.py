@@ -21,7 +21,7 @@ def load_trained(workdir: str):
     CheckpointError: no checkpoint, a damaged one, or a base model whose checksum changed.
   """
   from dplora_jax import train
-  ckpt = ckpt_lib.Checkpointer(workdir)
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     latest = ckpt.latest()
     if latest is None:

@@ -4,6 +4,7 @@ import errno
 import glob
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -43,7 +44,7 @@ def test_kill_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, reference, k
   proc = subprocess.run([sys.executable, "-m", "tests.kill_run", wd, ARG, str(kill_round), phase],
                         cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode == -9, proc.stderr[-2000:]
-  mgr = checkpoint.Checkpointer(wd)
+  mgr = checkpoint.Checkpointer(wd, read_only=True)
   # a kill mid-save never leaves a checkpoint that resume would pick up
   want_latest = kill_round if phase == "after_save" else (kill_round - 1 or None)
   assert mgr.latest() == want_latest
@@ -62,7 +63,7 @@ def test_kill_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, reference, k
 
 def test_checkpoint_holds_the_ledger_rng_and_a_model_reference(reference):
   wd, ref = reference
-  mgr = checkpoint.Checkpointer(wd)
+  mgr = checkpoint.Checkpointer(wd, read_only=True)
   meta = mgr.read_meta(mgr.latest())
   assert meta["round"] == 4 and meta["format_version"] == checkpoint.FORMAT_VERSION
   [ledger] = meta["ledger"]
@@ -128,7 +129,7 @@ def test_resume_refuses_a_changed_privacy_field_and_accepts_a_changed_cadence(tm
 
 def test_changed_base_model_checksum_is_refused(reference):
   wd, _ = reference
-  mgr = checkpoint.Checkpointer(wd)
+  mgr = checkpoint.Checkpointer(wd, read_only=True)
   meta = mgr.read_meta(4)
   with pytest.raises(checkpoint.CheckpointError, match="the base model changed"):
     checkpoint.check_resumable(meta, _cfg(), fingerprint="0" * 64)
@@ -181,3 +182,24 @@ def test_workdir_that_is_not_writable_is_a_clear_error(tmp_path):
   blocker.write_text("x")
   with pytest.raises(PermissionError, match="is not writable"):
     train.run(_cfg(), str(blocker / "run"), progress=False)
+
+
+def test_unfinished_saves_are_removed_by_a_writer_before_it_returns_and_never_by_a_reader(
+    reference):
+  # Orbax's own cleanup ran in a background thread that close() did not wait for, so the test
+  # above opening a manager, closing it and starting the resumed run raced two deletions of the
+  # same files (CI: FileNotFoundError mid-save). Ours is synchronous, and readers never delete.
+  wd, _ = reference
+  ckdir = pathlib.Path(wd) / "checkpoints"
+  finished = sorted(p.name for p in ckdir.iterdir())
+  unfinished = ckdir / "3.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp"
+  for i in range(200):
+    (unfinished / f"d{i % 7}").mkdir(parents=True, exist_ok=True)
+    (unfinished / f"d{i % 7}" / f"f{i}").write_bytes(b"x")
+  reader = checkpoint.Checkpointer(wd, read_only=True)
+  assert unfinished.exists() and reader.latest() == 4
+  reader.close()
+  writer = checkpoint.Checkpointer(wd)
+  assert sorted(p.name for p in ckdir.iterdir()) == finished
+  assert writer.latest() == 4
+  writer.close()
