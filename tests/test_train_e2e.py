@@ -14,7 +14,7 @@ from dplora_jax import config as config_lib, train
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("tiny"))
-  cfg = config_lib.from_config_dict(tiny.get_config("rounds=6"))
+  cfg = config_lib.from_config_dict(tiny.get_config("rounds=6,noise_seed=0"))
   return wd, cfg, train.run(cfg, wd, progress=False)
 
 
