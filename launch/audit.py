@@ -9,9 +9,9 @@ confidence, and the guess counts. The last line printed is the lower bound.
 
 import argparse
 import json
-import sys
 
 from dplora_jax import audit, config as config_lib
+from launch import cli
 
 
 def parse(argv):
@@ -47,8 +47,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run(main)

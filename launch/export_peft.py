@@ -8,9 +8,9 @@ the privacy report; --merged writes config.json, model.safetensors and the token
 """
 
 import argparse
-import sys
 
 from dplora_jax import checkpoint, export
+from launch import cli
 
 
 def main(argv=None) -> int:
@@ -26,8 +26,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run(main, [checkpoint.CheckpointError])

@@ -13,10 +13,10 @@ mechanism in plan order, space-separated). --json prints one JSON object instead
 
 import argparse
 import json
-import sys
 
 from dplora_jax import config as config_lib, train
 from dplora_jax.dp import accounting
+from launch import cli
 
 
 def parse(argv):
@@ -114,8 +114,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run(main)
