@@ -147,7 +147,6 @@ def _remove_unfinished_saves(directory: str):
   """Deletes the orbax temporary directories of saves that never committed (a killed run)."""
   if not os.path.isdir(directory):
     return
-
   for name in os.listdir(directory):
     if ocp.utils.TMP_DIR_SUFFIX in name:
       path = os.path.join(directory, name)
