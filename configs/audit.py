@@ -11,7 +11,7 @@ every canary is sampled several times; the bound is only as strong as the attack
 from configs.common import apply_args, base_config
 
 ARGS = {"eps": "dp.target_epsilon", "mode": "dp.mode", "rounds": "fed.rounds",
-        "steps": "fed.local_steps", "lr": "optim.learning_rate", "noise_seed": "dp.noise_seed"}
+        "steps": "fed.local_steps", "lr": "optim.learning_rate", "dp_seed": "dp.reproducible_seed"}
 
 
 def get_config(arg: str | None = None):
@@ -30,6 +30,9 @@ def get_config(arg: str | None = None):
   c.fed.num_clients = 2
   c.fed.rounds = 6
   c.fed.local_steps = 4
+  # Public bound: 5 real examples plus the included canaries dealt to each client (about m/4
+  # each; 48 holds m = 100 with room). launch.audit refuses a run whose clients exceed it.
+  c.data.max_client_size = 48
   apply_args(c, arg, ARGS)
   c.lock()
   return c

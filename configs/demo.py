@@ -7,12 +7,13 @@
 from configs.common import apply_args, base_config
 
 ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "clients": "fed.num_clients",
-        "rounds": "fed.rounds", "seed": "seed.seed"}
+        "rounds": "fed.rounds"}
 
 
 def get_config(arg: str | None = None):
   c = base_config()
   c.model.path = "smollm2-135m-instruct"
+  c.lora.targets = ("q", "k", "v")  # the paper's targets
   c.data.max_train_examples = 2500  # 500 per client: rounds are short on a 2-core CPU
   c.data.max_length = 72
   c.data.eval_examples = 240
@@ -25,6 +26,9 @@ def get_config(arg: str | None = None):
   c.fed.num_clients = 5
   c.fed.rounds = 6
   c.fed.local_steps = 1
-  apply_args(c, arg, {k: v for k, v in ARGS.items() if k != "seed"})
+  apply_args(c, arg, ARGS)
+  # The public bound on a client's size, declared by the consortium: here an even split of the
+  # example budget (q = batch_size / max_client_size; sizes themselves are never released).
+  c.data.max_client_size = -(-c.data.max_train_examples // c.fed.num_clients)
   c.lock()
   return c

@@ -7,11 +7,12 @@ from configs.common import apply_args, base_config
 
 ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "clients": "fed.num_clients",
         "rounds": "fed.rounds", "mode": "dp.mode", "agg": "fed.aggregation",
-        "client_eps": "dp.client_target_epsilon", "noise_seed": "dp.noise_seed",
+        "client_eps": "dp.client_target_epsilon", "dp_seed": "dp.reproducible_seed",
         "weighting": "fed.weighting", "client_rate": "fed.client_rate",
         "examples": "data.max_train_examples", "batch": "data.batch_size",
         "steps": "fed.local_steps", "lr": "optim.learning_rate",
-        "server_opt": "fed.server_optimizer", "ckpt_every": "checkpoint_every"}
+        "server_opt": "fed.server_optimizer", "ckpt_every": "checkpoint_every",
+        "max_client": "data.max_client_size", "diagnostics": "private_diagnostics"}
 
 
 def get_config(arg: str | None = None):
@@ -37,5 +38,7 @@ def get_config(arg: str | None = None):
   c.fed.rounds = 5
   c.fed.local_steps = 2
   apply_args(c, arg, ARGS)
+  if not c.data.max_client_size:  # the public bound: an even split of the public example budget
+    c.data.max_client_size = -(-c.data.max_train_examples // c.fed.num_clients)
   c.lock()
   return c

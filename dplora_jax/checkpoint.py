@@ -1,12 +1,17 @@
 """Orbax checkpoints of a run, with its privacy ledger, so that a resumed run is the same run.
 
 A checkpoint (one orbax step per saved round, under WORKDIR/checkpoints) holds:
-- "state": the round state (global LoRA, server optimizer state, client-level clip S, round) and
-  the DP-noise key's raw data. Client optimizers are re-initialised every round (clients are
-  stateless), so there is no client optimizer state to save.
+- "state": the round state (global LoRA, server optimizer state, client-level clip S, round).
+  Client optimizers are re-initialised every round (clients are stateless), so there is no client
+  optimizer state to save.
 - "meta" (JSON): format version, the full config, the base model's path and fingerprint (the frozen
-  weights are referenced, never saved), the privacy ledger (per mechanism: rounds composed and eps
-  spent), the host samplers' RNG states, communication totals and where the noise key came from.
+  weights are referenced, never saved), the privacy ledger (`dp.ledger.Ledger`), and the host state
+  (`host_state.HostState`: the secret root of all DP randomness, the samplers' RNG states,
+  communication totals, rounds done).
+
+A checkpoint therefore holds what strips the noise (the noise root, the samplers, intermediate
+LoRA): every file is written owner-only (0600, directories 0700), and nothing of it but the final
+LoRA and the ledger ever reaches an export.
 
 Saves are synchronous and atomic: orbax writes into a temporary directory and renames it when
 complete, so a kill mid-save leaves no step that `latest()` returns. A failing save (disk full)
@@ -22,12 +27,11 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from dplora_jax import config as config_lib
+from dplora_jax import config as config_lib, workdir as workdir_lib
+from dplora_jax.dp.ledger import Ledger
 
-FORMAT_VERSION = 1
-# Fields that change neither privacy nor shapes nor numerics: a resumed run may change them.
-PERFORMANCE_FIELDS = ("log_every", "checkpoint_every", "checkpoint_keep", "data.eval_examples",
-                      "data.eval_file")
+FORMAT_VERSION = 2  # 2: host state with secret sampling randomness; ledger segments
+PERFORMANCE_FIELDS = config_lib.RESUME_MAY_CHANGE
 
 
 class CheckpointError(RuntimeError):
@@ -52,10 +56,10 @@ def config_changes(saved: dict, current: dict) -> list[str]:
                 if k not in PERFORMANCE_FIELDS and a.get(k, "<missing>") != b.get(k, "<missing>"))
 
 
-def state_tree(state, noise_key: jax.Array) -> dict:
-  """What orbax saves: the round state's fields and the noise key's raw uint32 data."""
+def state_tree(state) -> dict:
+  """What orbax saves: the round state's fields."""
   return {"round": state.round, "lora": state.lora, "server_opt": state.server_opt,
-          "client_clip": state.client_clip, "noise_key": jax.random.key_data(noise_key)}
+          "client_clip": state.client_clip}
 
 
 class Checkpointer:
@@ -73,6 +77,7 @@ class Checkpointer:
     try:
       if not read_only:
         _remove_unfinished_saves(self.directory)
+        workdir_lib.make_private_dir(self.directory)
       self.manager = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
@@ -85,8 +90,8 @@ class Checkpointer:
   def latest(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, round_: int, state, noise_key, meta: dict):
-    """Saves round `round_` (atomic).
+  def save(self, round_: int, state, meta: dict):
+    """Saves round `round_` (atomic, owner-only).
 
     Raises:
       CheckpointError: the save failed (e.g. disk full); earlier checkpoints are untouched.
@@ -94,8 +99,9 @@ class Checkpointer:
     meta = dict(meta, format_version=FORMAT_VERSION, round=round_)
     try:
       self.manager.save(round_, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state_tree(state, noise_key)),
+          state=ocp.args.StandardSave(state_tree(state)),
           meta=ocp.args.JsonSave(meta)), force=True)
+      workdir_lib.restrict_tree(self.directory)
     except (OSError, ValueError) as e:
       previous = [s for s in self.manager.all_steps() if s != round_]
       raise CheckpointError(
@@ -117,6 +123,11 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: "
                             f"{e}); move it away to resume from an earlier one.") from e
     version = meta.get("format_version")
+    if version == 1:
+      raise CheckpointError(f"checkpoint {path} was written by dplora_jax format 1, whose example "
+                            "and client sampling came from the public config seed (its "
+                            "amplification by sampling does not hold); it cannot be resumed. "
+                            "Start a new run in a new --workdir.")
     if not isinstance(version, int) or version > FORMAT_VERSION:
       raise CheckpointError(f"checkpoint {path} has format version {version!r}; this dplora_jax "
                             f"reads versions <= {FORMAT_VERSION}: upgrade dplora_jax.")
@@ -177,6 +188,20 @@ def check_resumable(meta: dict, cfg, fingerprint: str | None = None, path: str =
         f"the base model changed since checkpoint {path}: {meta['model']['path']} had checksum "
         f"{meta['model']['fingerprint'][:16]}..., now {fingerprint[:16]}...; the LoRA was trained "
         "on other weights. Use the original model file or a new --workdir.")
+
+
+def check_ledger(meta: dict, expected: Ledger, path: str = ""):
+  """Refuses a checkpoint whose ledger is not the plan's ledger after the same rounds.
+
+  Raises:
+    CheckpointError: the saved ledger differs (the accounting changed under the run).
+  """
+  saved = Ledger.from_dict(meta["ledger"])
+  if saved.entries != expected.entries or saved.rounds != expected.rounds:
+    raise CheckpointError(f"checkpoint {path}: its privacy ledger ({saved.epsilons()} after "
+                          f"{saved.rounds} rounds) is not this plan's ({expected.epsilons()}); "
+                          "the accounting changed, so resuming would misstate eps. Use a new "
+                          "--workdir.")
 
 
 def restored_round_state(tree: dict, state_cls):

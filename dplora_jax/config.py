@@ -35,16 +35,16 @@ def _check(cond: bool, field: str, value: Any, allowed: str):
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
   """Which base model. `path`: HF directory, .gguf, or alias; or random init for tests."""
-  path: str = "smollm2-135m-instruct"
-  random_init: bool = False
-  tokenizer: str = ""  # path/alias of the tokenizer when random_init (defaults to `path`)
-  hidden_size: int = 32
-  num_layers: int = 2
-  num_heads: int = 4
-  num_kv_heads: int = 2
-  intermediate_size: int = 64
-  dtype: str = "float32"
-  param_dtype: str = "float32"
+  path: str = "smollm2-135m-instruct"  # HF directory, .gguf file, or alias
+  random_init: bool = False  # True: a random tiny Llama (tests) with the dims below
+  tokenizer: str = ""  # tokenizer path/alias for random_init ("" = model.path)
+  hidden_size: int = 32  # random_init only
+  num_layers: int = 2  # random_init only
+  num_heads: int = 4  # random_init only
+  num_kv_heads: int = 2  # random_init only
+  intermediate_size: int = 64  # random_init only
+  dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
+  param_dtype: str = "float32"  # storage dtype of the frozen weights
 
   def __post_init__(self):
     for f in ("dtype", "param_dtype"):
@@ -54,22 +54,29 @@ class ModelSource:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Task data: local jsonl files with `text` and `label` fields."""
-  train_file: str = ""
-  eval_file: str = ""
-  labels: tuple[str, ...] = ("negative", "positive", "neutral")  # index = label id
+  """Task data: local jsonl/json/csv files with `text` and `label` fields."""
+  train_file: str = "tfns/train.jsonl"  # packaged TFNS copy, or a path
+  eval_file: str = "tfns/validation.jsonl"  # public held-out file, same fields
+  labels: tuple[str, ...] = ("negative", "positive", "neutral")  # label id -> answer (TFNS order)
   prompt: str = ("Instruction: What is the sentiment of this tweet? Please choose an answer "
-                 "from {negative/neutral/positive}.\nInput: {text}\nAnswer:")
-  max_length: int = 96
+                 "from {negative/neutral/positive}.\nInput: {text}\nAnswer:")  # FinGPT
+  max_length: int = 80  # tokens per example (the text is truncated, never the answer)
   max_train_examples: int = 0  # 0 = all
-  eval_examples: int = 200
-  batch_size: int = 8  # expected per-client batch per local step (Poisson: q = batch / n_k)
-  sampling: str = "poisson"
+  eval_examples: int = 200  # fixed subset of the eval file (0 = all)
+  batch_size: int = 8  # B: expected Poisson batch of a client of max_client_size; the divisor
+  # PUBLIC upper bound on any client's number of examples. DP modes derive the sampling rate
+  # q = batch_size / max_client_size, the noise and the physical batch from it (never from the
+  # private sizes); a client holding more is refused before training. 0 = none (dp.mode none /
+  # paper only).
+  max_client_size: int = 0
+  sampling: str = "poisson"  # poisson (required by DP) or shuffle (non-private baselines, paper)
 
   def __post_init__(self):
     _check(self.max_length >= 8, "data.max_length", self.max_length, ">= 8")
     _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
     _check(self.eval_examples >= 0, "data.eval_examples", self.eval_examples, ">= 0")
+    _check(self.max_client_size >= 0, "data.max_client_size", self.max_client_size,
+           ">= 0 (a public bound on client sizes; 0 = none)")
     _check(len(self.labels) >= 2, "data.labels", self.labels, "at least 2 labels")
     _check(self.sampling in SAMPLINGS, "data.sampling", self.sampling, f"one of {SAMPLINGS}")
     _check("{text}" in self.prompt, "data.prompt", self.prompt, "a template containing {text}")
@@ -85,24 +92,29 @@ class DPConfig:
   Fields without a prefix are the example-level (and paper) mechanism; `client_*` and
   `adaptive_*` fields are the client-level mechanism.
   """
+  # sample: per-example DP-SGD in each client (unit: one example); client: DP-FedAvg (unit: one
+  # client); sample+client: both guarantees; paper: the paper's Algorithm 1; none: no privacy
   mode: str = "sample"
-  clip_norm: float = 1.0
-  noise_multiplier: float = 0.0  # 0 = calibrate from target_epsilon
-  target_epsilon: float = 8.0
-  delta: float = 1e-5
-  accountant: str = "rdp"
-  allow_large_delta: bool = False
-  max_batch_size: int = 0  # physical Poisson batch cap; 0 = smallest safe multiple of microbatch
-  truncation_delta_fraction: float = 0.01  # share of delta spent on an over-full Poisson sample
-  client_clip_norm: float = 0.1  # S (the initial S with adaptive clipping)
-  client_noise_multiplier: float = 0.0  # sigma at the server; 0 = calibrate
-  client_target_epsilon: float = 8.0
-  client_delta: float = 1e-3  # must be < 1/num_clients
-  adaptive_clip_quantile: float = 0.0  # gamma; 0 = fixed S
-  adaptive_clip_lr: float = 0.2  # eta: S <- S * exp(-eta * (unclipped fraction - gamma))
-  adaptive_clip_count_noise: float = 0.0  # sigma_b of the unclipped count; 0 = expected clients/20
-  paper_noise: str = "sigma_c"  # paper mode: noise std sigma*C, or sigma*C/B on the mean gradient
-  noise_seed: int = -1  # -1 = the noise key comes from OS entropy; >= 0: reproducible runs
+  clip_norm: float = 1.0  # C, per-example L2 bound over the whole LoRA tree
+  noise_multiplier: float = 0.0  # sigma; 0 = calibrate from target_epsilon
+  target_epsilon: float = 8.0  # end-to-end eps for every client's examples
+  delta: float = 1e-5  # end-to-end delta (must be < 1 / data.max_client_size)
+  accountant: str = "rdp"  # rdp or pld (dp-accounting)
+  allow_large_delta: bool = False  # permit delta >= 1/n
+  max_batch_size: int = 0  # physical Poisson batch cap (0 = automatic, see dp/sampling.py)
+  truncation_delta_fraction: float = 0.01  # share of delta for over-full Poisson samples
+  client_clip_norm: float = 0.1  # S: client-level L2 bound on each client's LoRA update (initial)
+  client_noise_multiplier: float = 0.0  # server noise sigma (std sigma * S); 0 = calibrate
+  client_target_epsilon: float = 8.0  # end-to-end eps for a whole client
+  client_delta: float = 1e-3  # client-level delta (must be < 1/num_clients)
+  adaptive_clip_quantile: float = 0.0  # adaptive S: target unclipped fraction gamma (0 = fixed)
+  adaptive_clip_lr: float = 0.2  # adaptive S: eta, S <- S exp(-eta (unclipped fraction - gamma))
+  adaptive_clip_count_noise: float = 0.0  # adaptive S: std of the count noise (0 = expected/20)
+  paper_noise: str = "sigma_c"  # paper mode noise std: sigma_c (sigma*C) or sigma_c_over_b
+  # -1: every source of DP randomness (noise, example and client sampling, truncation) comes from
+  # OS entropy (secret); >= 0 seeds them all, for reproductions only: anyone with the config can
+  # then regenerate the noise and the samples (the report says so).
+  reproducible_seed: int = -1
 
   @property
   def sample_level(self) -> bool:
@@ -122,8 +134,8 @@ class DPConfig:
            f"one of {ACCOUNTANTS}")
     _check(self.paper_noise in PAPER_NOISE, "dp.paper_noise", self.paper_noise,
            f"one of {PAPER_NOISE}")
-    _check(isinstance(self.noise_seed, int) and self.noise_seed >= -1, "dp.noise_seed",
-           self.noise_seed, "-1 (OS entropy) or an integer >= 0")
+    _check(isinstance(self.reproducible_seed, int) and self.reproducible_seed >= -1,
+           "dp.reproducible_seed", self.reproducible_seed, "-1 (OS entropy) or an integer >= 0")
     if self.mode in ("sample", "sample+client", "paper"):
       _check(self.clip_norm > 0 and math.isfinite(self.clip_norm), "dp.clip_norm", self.clip_norm,
              "a finite number > 0")
@@ -154,17 +166,19 @@ class DPConfig:
 @dataclasses.dataclass(frozen=True)
 class FedConfig:
   """Federation: clients, rounds, local steps, aggregation."""
-  num_clients: int = 5
-  rounds: int = 10
-  local_steps: int = 1
-  partition: str = "iid"
-  dirichlet_alpha: float = 1.0
-  partition_field: str = ""
-  client_rate: float = 1.0  # Poisson client sampling rate p; 1 = every client every round
-  aggregation: str = "fedavg"
-  weighting: str = "examples"
-  server_optimizer: str = "fedavg"
-  server_lr: float = 1.0
+  num_clients: int = 5  # K
+  rounds: int = 10  # T
+  local_steps: int = 1  # DP-SGD steps per client per round
+  partition: str = "iid"  # iid, dirichlet or field
+  dirichlet_alpha: float = 1.0  # label skew for dirichlet
+  partition_field: str = ""  # record field naming the client, for partition=field
+  client_rate: float = 1.0  # Poisson client sampling rate p (1 = all clients, the paper)
+  aggregation: str = "fedavg"  # fedavg: A and B averaged separately (the paper); ffa: A frozen
+  # client weights: uniform (every DP mode: sizes are private) or examples (FedAvg by size; only
+  # with dp.mode none, where nothing is claimed)
+  weighting: str = "uniform"
+  server_optimizer: str = "fedavg"  # fedavg (lr 1 = averaging) or fedadam
+  server_lr: float = 1.0  # server learning rate
 
   def __post_init__(self):
     _check(self.num_clients >= 1, "fed.num_clients", self.num_clients, ">= 1")
@@ -186,10 +200,10 @@ class FedConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """Client optimizer (reset every round: clients are stateless)."""
-  optimizer: str = "sgd"
-  learning_rate: float = 0.5
-  weight_decay: float = 0.0
-  microbatch_size: int = 8  # per-example gradients are computed this many at a time
+  optimizer: str = "sgd"  # client optimizer: sgd (the paper) or adamw
+  learning_rate: float = 0.5  # client learning rate
+  weight_decay: float = 0.0  # adamw only
+  microbatch_size: int = 8  # per-example gradients computed this many at a time
 
   def __post_init__(self):
     _check(self.optimizer in CLIENT_OPTIMIZERS, "optim.optimizer", self.optimizer,
@@ -200,16 +214,21 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  model: ModelSource
-  lora: LoRAConfig
-  data: DataConfig
-  dp: DPConfig
-  fed: FedConfig
-  optim: OptimConfig
-  seed: int = 0
-  log_every: int = 1
+  """A whole run. Every field's default lives here; `configs/common.py` builds from them."""
+  model: ModelSource = dataclasses.field(default_factory=ModelSource)
+  lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  dp: DPConfig = dataclasses.field(default_factory=DPConfig)
+  fed: FedConfig = dataclasses.field(default_factory=FedConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  seed: int = 0  # init, partitions and data order (never DP randomness: dp.reproducible_seed)
+  log_every: int = 1  # write metrics.jsonl every this many rounds
   checkpoint_every: int = 1  # save every this many rounds (0 = never); the last round always
   checkpoint_keep: int = 3  # keep the newest K checkpoints
+  # True: also log unnoised statistics of the private batches (training loss, clip fraction,
+  # update norms, example counts, sampler overflows, round times). They are NOT covered by any eps;
+  # the report says so. Local debugging only.
+  private_diagnostics: bool = False
 
   def __post_init__(self):
     _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
@@ -217,14 +236,18 @@ class RunConfig:
            ">= 0 (0 = never)")
     _check(self.checkpoint_keep >= 1, "checkpoint_keep", self.checkpoint_keep, ">= 1")
     dp, fed = self.dp, self.fed
+    if dp.mode != "none" and fed.weighting != "uniform":
+      raise ValueError(f"fed.weighting={fed.weighting!r} with dp.mode={dp.mode!r}: weighting by "
+                       "client size releases the private sizes (and changes the sensitivity); "
+                       "use fed.weighting='uniform'.")
+    if (dp.sample_level or dp.client_level) and self.data.max_client_size == 0:
+      raise ValueError(f"data.max_client_size=0 with dp.mode={dp.mode!r}: DP needs a public upper "
+                       "bound on every client's number of examples (q = data.batch_size / "
+                       "data.max_client_size); set it (e.g. the size the consortium declares).")
     if dp.mode in ("sample", "sample+client") and self.data.sampling != "poisson":
       raise ValueError(f"data.sampling={self.data.sampling!r} with dp.mode={dp.mode!r}: "
                        "DP accounting assumes Poisson sampling; use data.sampling='poisson'.")
     if dp.client_level:
-      if fed.weighting != "uniform":
-        raise ValueError(f"fed.weighting={fed.weighting!r} with dp.mode={dp.mode!r}: client-level "
-                         "DP sums clipped updates with weight 1 each (sizes are private and "
-                         "weights change the sensitivity); use fed.weighting='uniform'.")
       if dp.client_delta >= 1.0 / fed.num_clients and not dp.allow_large_delta:
         raise ValueError(f"dp.client_delta={dp.client_delta} >= 1/{fed.num_clients} (one over the "
                          "number of clients): such a delta allows releasing a client outright; "
@@ -252,7 +275,11 @@ class RunConfig:
                        "'gaussian'.")
 
 
-TOP_LEVEL = {"seed", "log_every", "checkpoint_every", "checkpoint_keep"}
+TOP_LEVEL = {"seed", "log_every", "checkpoint_every", "checkpoint_keep", "private_diagnostics"}
+# Fields that change neither privacy nor shapes nor numerics: a resumed run may change them.
+RESUME_MAY_CHANGE = ("log_every", "checkpoint_every", "checkpoint_keep", "data.eval_examples",
+                     "data.eval_file")
+RENAMED = {"dp.noise_seed": "dp.reproducible_seed"}
 _SECTIONS = {"model": ModelSource, "lora": LoRAConfig, "data": DataConfig, "dp": DPConfig,
              "fed": FedConfig, "optim": OptimConfig}
 
@@ -269,6 +296,10 @@ def from_config_dict(cfg: Mapping[str, Any]) -> RunConfig:
     section = dict(d.pop(name, {}) or {})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(section) - known)
+    for k in unknown:
+      if f"{name}.{k}" in RENAMED:
+        raise ValueError(f"config key {name}.{k} was renamed {RENAMED[f'{name}.{k}']} (it seeds "
+                         "every source of DP randomness, not only the noise).")
     if unknown:
       raise ValueError(f"unknown config keys {[f'{name}.{k}' for k in unknown]}; "
                        f"known: {sorted(known)}.")
@@ -299,6 +330,16 @@ def load_config_file(spec: str):
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path!r} defines no get_config(arg).")
   return module.get_config(arg or None)
+
+
+def defaults() -> dict:
+  """The nested dict of every field's default (the one source of truth for configs/common.py).
+
+  Sections are built one by one: a RunConfig of pure defaults would be refused (DP needs
+  data.max_client_size), and experiment files set that."""
+  out = {name: dataclasses.asdict(cls()) for name, cls in _SECTIONS.items()}
+  out |= {f.name: f.default for f in dataclasses.fields(RunConfig) if f.name in TOP_LEVEL}
+  return json.loads(json.dumps(out))
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 
-import jax
 
-from dplora_jax import checkpoint as ckpt_lib, config as config_lib, lora as lora_lib
+from dplora_jax import build, checkpoint as ckpt_lib, config as config_lib, lora as lora_lib
 from dplora_jax import peft
+from dplora_jax.dp.ledger import Ledger
 from dplora_jax.federated import round as round_lib
 
 
@@ -20,7 +21,6 @@ def load_trained(workdir: str):
   Raises:
     CheckpointError: no checkpoint, a damaged one, or a base model whose checksum changed.
   """
-  from dplora_jax import train
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     latest = ckpt.latest()
@@ -29,12 +29,12 @@ def load_trained(workdir: str):
                                      f"{ckpt.directory}/<round>); train with checkpoint_every > 0.")
     meta = ckpt.read_meta(latest)
     cfg = config_lib.from_config_dict(meta["config"])
-    model, tok, fingerprint, path = train.load_base(cfg)
+    model, tok, fingerprint, path = build.load_base(cfg)
     ckpt_lib.check_resumable(meta, cfg, fingerprint, os.path.join(ckpt.directory, str(latest)))
-    train.attach_lora(model, cfg)
+    build.attach_lora(model, cfg)
     graphdef, lora, frozen = lora_lib.split(model)
     server_tx = round_lib.make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)
-    target = ckpt_lib.state_tree(round_lib.init_state(lora, server_tx), jax.random.key(0))
+    target = ckpt_lib.state_tree(round_lib.init_state(lora, server_tx))
     tree = ckpt.restore_state(latest, target)
     model = lora_lib.merge(graphdef, tree["lora"], frozen)
   finally:
@@ -44,20 +44,27 @@ def load_trained(workdir: str):
 
 def privacy_readme(cfg, meta: dict) -> str:
   """The adapter's README: what it is and the privacy it was trained under."""
+  ledger = Ledger.from_dict(meta["ledger"])
   lines = ["# dplora_jax LoRA adapter", "",
            f"Trained with dplora_jax: dp.mode = `{cfg.dp.mode}`, fed.aggregation = "
-           f"`{cfg.fed.aggregation}`, {meta['round']} of {cfg.fed.rounds} rounds, "
-           f"{cfg.fed.num_clients} clients, LoRA r = {cfg.lora.rank} on {list(cfg.lora.targets)}.",
+           f"`{cfg.fed.aggregation}`, {ledger.rounds} of {cfg.fed.rounds} rounds, "
+           f"{cfg.fed.num_clients} clients, LoRA r = {cfg.lora.rank} on "
+           f"{list(cfg.lora.targets) or 'the family default targets'}.",
            f"Base model: `{meta['model']['path']}` (checksum {meta['model']['fingerprint']}).",
            "", "## Privacy", ""]
-  if not meta["ledger"]:
-    lines.append("No differential privacy (dp.mode = 'none').")
-  for m in meta["ledger"]:
-    lines.append(f"- {m['name']}-level: eps = {m['epsilon']:.4f}, delta = {m['delta']:.3g}; unit: "
-                 f"{m['unit']}; noise multiplier {m['noise_multiplier']:.4f}, sampling rate "
-                 f"{m['sampling_rate']:.4g}, {m['releases']} releases (dp-accounting, "
-                 f"{cfg.dp.accountant}).")
-  lines += ["", "Load with `peft.PeftModel.from_pretrained(base_model, this_directory)`.", ""]
+  if not ledger.entries:
+    lines.append("No differential privacy (dp.mode = 'none'): the training data has no "
+                 "guarantee.")
+  for e in ledger.entries:
+    lines.append(f"- {e.name}-level: eps = {e.epsilon:.4f}, delta = {e.delta:.3g}; unit: "
+                 f"{e.unit}; {len(e.segments)} segment(s) composed with dp-accounting "
+                 f"({e.accountant}): " + "; ".join(
+                     f"{g.releases} releases at q = {g.sampling_rate:.4g}, sigma = "
+                     f"{g.noise_multiplier:.4f} ({g.source})" for g in e.segments) + ".")
+  lines += ["", "The ledger travels in `adapter_model.safetensors` metadata (and "
+            "`dplora_privacy.json`): a dplora_jax run started from this adapter with "
+            "`lora.init_from` composes it into its own guarantee.",
+            "", "Load with `peft.PeftModel.from_pretrained(base_model, this_directory)`.", ""]
   return "\n".join(lines)
 
 
@@ -72,7 +79,8 @@ def export_workdir(workdir: str, out: str, *, merged: bool = False) -> str:
     peft.export_merged(model, loaded.config, tok, out, source_path=path)
     with open(os.path.join(out, "README.md"), "w") as f:
       f.write(privacy_readme(cfg, meta).replace("LoRA adapter", "merged model (base + LoRA)"))
+    with open(os.path.join(out, peft.LEDGER_FILE), "w") as f:
+      json.dump(meta["ledger"], f, indent=2)
     return out
-  from dplora_jax import train
-  return peft.export_adapter(model, train.effective_lora(cfg), out, base_model=path,
-                             readme=privacy_readme(cfg, meta))
+  return peft.export_adapter(model, build.effective_lora(cfg), out, base_model=path,
+                             readme=privacy_readme(cfg, meta), ledger=meta["ledger"])

@@ -44,7 +44,9 @@ class LoRAConfig:
       "zero_a" (the transposed convention: A = 0, B kaiming-uniform; not usable with FFA).
     freeze_a: keep A at its initial value and train B only (FFA-LoRA).
     init_from: start from the factors of a PEFT adapter directory (rank, alpha, targets must
-      match).
+      match). Its privacy ledger is composed into the new run's guarantee unless
+      `init_from_public` declares it trained without this run's private data.
+    init_from_public: the starting adapter is public (stated in the report).
   """
   rank: int = 8
   alpha: float = 16.0
@@ -53,6 +55,7 @@ class LoRAConfig:
   init: str = "kaiming"
   freeze_a: bool = False
   init_from: str = ""  # a PEFT adapter directory to start from ("" = random init)
+  init_from_public: bool = False  # True: the adapter is declared public (its ledger not composed)
 
   def __post_init__(self):
     if int(self.rank) <= 0:

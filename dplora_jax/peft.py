@@ -59,9 +59,17 @@ def adapter_tensors(model: nnx.Module, targets: list[str]) -> dict[str, np.ndarr
   return out
 
 
+LEDGER_KEY = "dplora_privacy_ledger"  # safetensors metadata key: the ledger travels with weights
+LEDGER_FILE = "dplora_privacy.json"  # the same ledger, readable beside them
+
+
 def export_adapter(model: nnx.Module, lora_cfg: lora_lib.LoRAConfig, out_dir: str, *,
-                   base_model: str = "", readme: str = "") -> str:
-  """Writes adapter_config.json + adapter_model.safetensors (+ README.md) of `model`'s LoRA."""
+                   base_model: str = "", readme: str = "", ledger: dict | None = None) -> str:
+  """Writes adapter_config.json + adapter_model.safetensors (+ README.md) of `model`'s LoRA.
+
+  `ledger` (a `dp.ledger.Ledger.to_dict()`) is stored in the safetensors metadata and in
+  dplora_privacy.json, so a run that starts from this adapter (`lora.init_from`) composes it.
+  """
   targets = lora_lib.resolve_targets(model, lora_cfg.targets)
   os.makedirs(out_dir, exist_ok=True)
   config = {
@@ -74,12 +82,38 @@ def export_adapter(model: nnx.Module, lora_cfg: lora_lib.LoRAConfig, out_dir: st
   }
   with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
     json.dump(config, f, indent=2)
+  metadata = {"format": "pt"}
+  if ledger is not None:
+    metadata[LEDGER_KEY] = json.dumps(ledger)
+    with open(os.path.join(out_dir, LEDGER_FILE), "w") as f:
+      json.dump(ledger, f, indent=2)
   save_file(adapter_tensors(model, targets), os.path.join(out_dir, ADAPTER_WEIGHTS),
-            metadata={"format": "pt"})
+            metadata=metadata)
   if readme:
     with open(os.path.join(out_dir, "README.md"), "w") as f:
       f.write(readme)
   return out_dir
+
+
+def read_ledger(adapter_dir: str) -> dict | None:
+  """The privacy ledger stored in an adapter's safetensors metadata, or None (no ledger).
+
+  Raises:
+    FileNotFoundError: no adapter weights in `adapter_dir`.
+    ValueError: a ledger that is not valid JSON.
+  """
+  from safetensors import safe_open
+  path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: {adapter_dir!r} is not a PEFT adapter directory.")
+  with safe_open(path, framework="numpy") as f:
+    meta = f.metadata() or {}
+  if LEDGER_KEY not in meta:
+    return None
+  try:
+    return json.loads(meta[LEDGER_KEY])
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: the privacy ledger in its metadata is not valid JSON ({e}).") from e
 
 
 def read_adapter_config(adapter_dir: str) -> dict:

@@ -1,50 +1,79 @@
-"""The run's report: summary.json content and the human-readable table `make demo` prints."""
+"""The run's report: summary.json content and the human-readable table `make demo` prints.
+
+Everything here is released (`dp.release`): public config values, eps spent, evaluation on the
+public held-out set, and communication. Private statistics appear only under "diagnostics", and
+only when the user turned `private_diagnostics` on.
+"""
 
 from __future__ import annotations
 
 import math
 
-from dplora_jax.dp import plan as plan_lib
+from dplora_jax.dp import plan as plan_lib, release
+from dplora_jax.dp.ledger import Ledger
 from dplora_jax.metrics import Communication
 
+DIAGNOSTICS_WARNING = ("NON-PRIVATE DIAGNOSTICS: metrics.jsonl/TensorBoard hold unnoised "
+                       "statistics of the private batches (private_* keys); no eps covers them. "
+                       "Do not share this workdir's logs.")
 
-def summary(cfg, plan: plan_lib.PrivacyPlan, spent: dict, comm: Communication, *, sizes,
+
+def summary(cfg, plan: plan_lib.PrivacyPlan, ledger: Ledger, comm: Communication, *,
             devices: int, max_batch: int, lora_params: int, before: dict, after: dict,
-            first_round_seconds, wall_seconds: float, poisson_overflows: int,
-            noise_key_source: str, a_frozen: bool) -> dict:
+            first_round_seconds, wall_seconds: float, randomness_source: str, a_frozen: bool,
+            diagnostics: dict | None = None) -> dict:
   """Everything a consortium asks after a run, JSON-serialisable.
 
   `epsilon`, `delta`, `noise_multiplier`, `protected_unit` are the first mechanism's (the
-  example-level one when present); `privacy` lists every mechanism with the eps actually spent.
+  example-level one when present); `privacy` lists every mechanism with the eps actually spent
+  (earlier runs of a starting adapter included) and `ledger` the composable record.
   """
   mechs = []
   for m in plan.mechanisms:
     d = m.to_dict()
-    d["epsilon_spent"] = spent.get(m.name, 0.0)
+    entry = ledger.get(m.name)
+    d["epsilon_spent"] = entry.epsilon
+    d["delta_spent"] = entry.delta
     mechs.append(d)
-  head = plan.mechanisms[0] if plan.mechanisms else None
-  return {
+  head = mechs[0] if mechs else None
+  expected_clients = cfg.fed.client_rate * cfg.fed.num_clients
+  public_participation = release.participation_is_public(cfg.dp.mode)
+  out = {
       "mode": cfg.dp.mode, "aggregation": cfg.fed.aggregation,
-      "epsilon": spent[head.name] if head else math.inf,
-      "delta": head.delta if head else 0.0,
-      "noise_multiplier": head.noise_multiplier if head else 0.0,
+      "epsilon": head["epsilon_spent"] if head else math.inf,
+      "delta": head["delta_spent"] if head else 0.0,
+      "noise_multiplier": head["noise_multiplier"] if head else 0.0,
       "accountant": cfg.dp.accountant if head else None,
-      "sampling_rate": head.sampling_rate if head else None,
-      "protected_unit": head.unit if head else None,
-      "privacy": mechs, "noise_key_source": noise_key_source if head else None,
-      "truncation_delta": plan.sample.truncation_delta if plan.sample else None,
+      "sampling_rate": head["sampling_rate"] if head else None,
+      "protected_unit": head["unit"] if head else None,
+      "privacy": mechs, "ledger": ledger.to_dict(),
+      "assumed_public": plan.public,
+      "dp_randomness": randomness_source if head else None,
+      "truncation_delta": (plan.get("example").extra_delta if plan.get("example") else None),
       "max_batch": max_batch, "expected_batch": cfg.data.batch_size,
+      "max_client_size": cfg.data.max_client_size or None,
       "clip_norm": cfg.dp.clip_norm if head else None,
       "rounds": cfg.fed.rounds, "clients": cfg.fed.num_clients,
-      "clients_per_round": cfg.fed.client_rate * cfg.fed.num_clients,
-      "local_steps": cfg.fed.local_steps, "client_sizes": sizes, "devices": devices,
+      "clients_per_round": expected_clients,
+      "local_steps": cfg.fed.local_steps, "devices": devices,
       "lora_params": lora_params, "lora_bytes": comm.lora_bytes, "a_frozen": a_frozen,
-      "bytes_up_total": comm.up_total, "bytes_down_total": comm.down_total,
       "bytes_setup_down": comm.setup_down, "full_model_bytes": comm.full_model_bytes,
       "eval": {"before": before, "after": after},
       "first_round_seconds": first_round_seconds, "wall_seconds": wall_seconds,
-      "poisson_overflows": poisson_overflows, "seed": cfg.seed,
+      "seed": cfg.seed, "private_diagnostics": bool(diagnostics is not None),
   }
+  if public_participation:
+    out |= {"bytes_up_total": comm.up_total, "bytes_down_total": comm.down_total,
+            "bytes_are_expected": False}
+  else:  # the participant count is protected under client-level DP: its expectation only
+    rounds = ledger.rounds
+    out |= {"bytes_up_total": comm.lora_bytes * expected_clients * rounds,
+            "bytes_down_total": comm.setup_down + comm.lora_bytes * expected_clients * rounds,
+            "bytes_are_expected": True}
+  if diagnostics is not None:
+    out["diagnostics"] = {"warning": DIAGNOSTICS_WARNING, "poisson_overflows":
+                          diagnostics["overflows"], "bytes_up_actual": comm.up_total}
+  return out
 
 
 def privacy_lines(mechs: list[dict]) -> list[str]:
@@ -52,11 +81,15 @@ def privacy_lines(mechs: list[dict]) -> list[str]:
   lines = []
   for m in mechs:
     eps = m.get("epsilon_spent", m["epsilon"])
-    line = (f"  privacy [{m['name']}]: eps = {eps:.3f}, delta = {m['delta']:.2g} "
+    delta = m.get("delta_spent", m["delta"])
+    line = (f"  privacy [{m['name']}]: eps = {eps:.3f}, delta = {delta:.2g} "
             f"(noise multiplier {m['noise_multiplier']:.3f}, q = {m['sampling_rate']:.4g}, "
             f"{m['releases_per_round'] * m['rounds']} releases, {m['accountant']}); "
             f"unit: {m['unit']}")
     lines.append(line)
+    if m.get("prior"):
+      lines.append(f"    includes {len(m['prior'])} earlier segment(s) from the starting adapter's "
+                   "ledger")
     if m["name"] == "paper":
       d = m["details"]
       lines.append(f"    the paper's claim: eps = {d['paper_epsilon_per_iteration']:.3f} per "
@@ -80,12 +113,20 @@ def format_summary(s: dict) -> str:
   lines = [f"DP federated LoRA ({s['mode']}, {s['aggregation']}): {s['rounds']} rounds x "
            f"{s['clients']} clients x {s['local_steps']} local steps"]
   lines += privacy_lines(s["privacy"]) or ["  privacy: none (dp.mode = 'none')"]
-  if s["noise_key_source"]:
-    lines.append(f"  noise key: {s['noise_key_source']}")
+  if s["dp_randomness"]:
+    lines.append(f"  DP randomness (noise, sampling): {s['dp_randomness']}")
+  pub = dict(s.get("assumed_public") or {})
+  if pub.get("max_client_size"):
+    lines.append(f"  public: the config, and the bound of {pub['max_client_size']} examples per "
+                 "client (client sizes themselves are not released)")
+  if pub.get("init_from"):
+    lines.append(f"  starting adapter: {pub['init_from']}")
+  if s.get("private_diagnostics"):
+    lines.append("  " + DIAGNOSTICS_WARNING)
   lines += [
       f"  zero-shot : accuracy {b['accuracy']:.3f}, macro F1 {b['f1_macro']:.3f}  (n={b['n']})",
       f"  fine-tuned: accuracy {a['accuracy']:.3f}, macro F1 {a['f1_macro']:.3f}",
-      f"  sent up {_size(s['bytes_up_total'])} "
+      f"  sent up {_size(s['bytes_up_total'])}{' (expected)' if s['bytes_are_expected'] else ''} "
       f"(LoRA {_size(s['lora_bytes'])} per client per round; full model "
       f"{_size(s['full_model_bytes'])}: {ratio:.2%} of sending it)",
       f"  wall time {s['wall_seconds']:.0f} s",

@@ -14,7 +14,7 @@ mechanism in plan order, space-separated). --json prints one JSON object instead
 import argparse
 import json
 
-from dplora_jax import config as config_lib, train
+from dplora_jax import build, config as config_lib
 from dplora_jax.dp import accounting
 from launch import cli
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     if args.accountant and args.accountant != cfg.dp.accountant:
       cfg = config_lib.dataclasses.replace(
           cfg, dp=config_lib.dataclasses.replace(cfg.dp, accountant=args.accountant))
-    plan = train.privacy_plan(cfg)
+    plan = build.privacy_plan(cfg)
     if args.json:
       print(json.dumps({"config": args.config, "mode": cfg.dp.mode, **plan.to_dict()}))
       return 0

@@ -12,13 +12,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dplora_jax import checkpoint, config as config_lib
-from dplora_jax import train
+from dplora_jax import checkpoint, config as config_lib, train, workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (metrics, summary)")
 _QUIET = flags.DEFINE_bool("quiet", False, "no progress bar")
+_DEBUG = flags.DEFINE_bool("debug", False, "show the traceback of an error")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,10 +26,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  cfg = config_lib.from_config_dict(_CONFIG.value)
   try:
-    summary = train.run(cfg, _WORKDIR.value, progress=not _QUIET.value)
-  except (checkpoint.CheckpointError, PermissionError) as e:
+    cfg = config_lib.from_config_dict(_CONFIG.value)
+    summary = train.run(cfg, _WORKDIR.value, progress=not _QUIET.value).summary
+  except (checkpoint.CheckpointError, PermissionError, workdir.WorkdirLocked, ValueError,
+          FileNotFoundError) as e:
+    if _DEBUG.value:
+      raise
     print(f"error: {e}", file=sys.stderr)
     return 2
   if summary["resumed_from_round"] is not None:

@@ -5,6 +5,8 @@ import glob
 import json
 import os
 import pathlib
+import socket
+import stat
 import subprocess
 import sys
 
@@ -14,9 +16,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from dplora_jax import checkpoint, config as config_lib, train
+from dplora_jax import checkpoint, config as config_lib, train, workdir
 
-ARG = "rounds=4,noise_seed=5,client_rate=0.75,server_opt=fedadam"
+ARG = "rounds=4,dp_seed=5,client_rate=0.75,server_opt=fedadam"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,14 +29,19 @@ def _cfg(arg=ARG):
 def _metrics(workdir):
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   for l in lines:
-    l.pop("seconds")
+    assert "seconds" not in l  # round times are private diagnostics
   return lines
+
+
+REF_STATE = {}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("reference"))
-  return wd, train.run(_cfg(), wd, progress=False)
+  res = train.run(_cfg(), wd, progress=False)
+  REF_STATE["state"] = res.state
+  return wd, res.summary
 
 
 @pytest.mark.parametrize("kill_round,phase", [(1, "before_save"), (2, "during_save"),
@@ -49,15 +56,15 @@ def test_kill_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, reference, k
   want_latest = kill_round if phase == "after_save" else (kill_round - 1 or None)
   assert mgr.latest() == want_latest
   mgr.close()
-  resumed = train.run(_cfg(), wd, progress=False)
+  res = train.run(_cfg(), wd, progress=False)
+  resumed = res.summary
   ref_wd, ref = reference
   assert resumed["resumed_from_round"] == (want_latest or None) or want_latest is None
-  for a, b in zip(jax.tree.leaves(resumed["_state"]), jax.tree.leaves(ref["_state"])):
+  for a, b in zip(jax.tree.leaves(res.state), jax.tree.leaves(REF_STATE["state"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # LoRA, server Adam, S, round
   assert resumed["epsilon"] == ref["epsilon"]
-  assert resumed["privacy"] == ref["privacy"]
-  assert (resumed["bytes_up_total"], resumed["poisson_overflows"]) == (
-      ref["bytes_up_total"], ref["poisson_overflows"])
+  assert resumed["privacy"] == ref["privacy"] and resumed["ledger"] == ref["ledger"]
+  assert resumed["bytes_up_total"] == ref["bytes_up_total"]
   assert _metrics(wd) == _metrics(ref_wd)
 
 
@@ -66,11 +73,15 @@ def test_checkpoint_holds_the_ledger_rng_and_a_model_reference(reference):
   mgr = checkpoint.Checkpointer(wd, read_only=True)
   meta = mgr.read_meta(mgr.latest())
   assert meta["round"] == 4 and meta["format_version"] == checkpoint.FORMAT_VERSION
-  [ledger] = meta["ledger"]
-  assert (ledger["name"], ledger["rounds"], ledger["releases"]) == ("example", 4, 8)
-  assert ledger["epsilon"] == ref["epsilon"]
+  ledger = meta["ledger"]
+  [entry] = ledger["entries"]
+  assert (entry["name"], ledger["rounds"], entry["segments"][-1]["releases"]) == (
+      "example", 4, 8)
+  assert entry["epsilon"] == ref["epsilon"]
   assert meta["model"]["fingerprint"].startswith("random:")
-  assert set(meta) >= {"sampler", "client_rng", "config", "comm", "noise_key_source"}
+  assert set(meta) >= {"host", "config", "ledger"}
+  assert set(meta["host"]) >= {"randomness", "sampler", "comm", "rounds_done"}
+  assert meta["host"]["randomness"]["reproducible_seed"] == 5
   # frozen base weights are referenced, not saved: the checkpoint is LoRA-sized
   size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(wd, "checkpoints", "4", "**"),
                                                    recursive=True) if os.path.isfile(f))
@@ -82,7 +93,8 @@ def test_checkpoint_holds_the_ledger_rng_and_a_model_reference(reference):
 def test_tensorboard_events_are_written(reference):
   wd, _ = reference
   scalars = _read_scalars(os.path.join(wd, "tensorboard"))
-  assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4]
+  assert [s for s, _ in scalars["epsilon"]] == [1, 2, 3, 4]
+  assert not any(k.startswith("private_") or "loss" in k for k in scalars)
   assert scalars["epsilon"][-1][1] == pytest.approx(_metrics(wd)[-1]["epsilon"], rel=1e-6)
 
 
@@ -122,7 +134,7 @@ def test_resume_refuses_a_changed_privacy_field_and_accepts_a_changed_cadence(tm
   with c.unlocked():
     c.log_every = 2
     c.checkpoint_every = 2
-  out = train.run(config_lib.from_config_dict(c), wd, progress=False)
+  out = train.run(config_lib.from_config_dict(c), wd, progress=False).summary
   assert out["resumed_from_round"] == 2
   assert [l["round"] for l in _metrics(wd)] == [1, 2, 4]
 
@@ -149,14 +161,47 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_not_deleted(tmp_path):
   assert os.path.isdir(os.path.join(wd, "checkpoints", "1"))
 
 
-def test_newer_format_is_refused(tmp_path):
+def test_newer_and_public_seed_formats_are_refused(tmp_path):
   wd = _half_run(tmp_path)
   meta_file = os.path.join(wd, "checkpoints", "2", "meta", "metadata")
   meta = json.load(open(meta_file))
-  meta["format_version"] = 99
-  json.dump(meta, open(meta_file, "w"))
-  with pytest.raises(checkpoint.CheckpointError, match="format version 99"):
-    train.run(_cfg(), wd, progress=False)
+  for version, match in ((99, "format version 99"), (1, "came from the public config seed")):
+    meta["format_version"] = version
+    json.dump(meta, open(meta_file, "w"))
+    with pytest.raises(checkpoint.CheckpointError, match=match):
+      train.run(_cfg(), wd, progress=False)
+
+
+def test_workdir_and_checkpoints_are_owner_only(reference):
+  """A checkpoint holds the noise root and the samplers: nobody but the owner may read it."""
+  wd, _ = reference
+  assert stat.S_IMODE(os.stat(wd).st_mode) == 0o700
+  seen = 0
+  for root, dirs, files in os.walk(os.path.join(wd, "checkpoints")):
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700, root
+    for f in files:
+      assert stat.S_IMODE(os.stat(os.path.join(root, f)).st_mode) == 0o600, f
+      seen += 1
+  assert seen > 5
+  for f in ("metrics.jsonl", "summary.json"):
+    assert stat.S_IMODE(os.stat(os.path.join(wd, f)).st_mode) == 0o600
+
+
+def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
+  wd = str(tmp_path / "run")
+  os.makedirs(wd)
+  holder = subprocess.Popen(["sleep", "60"])
+  try:
+    lock = os.path.join(wd, workdir.LOCK)
+    json.dump({"pid": holder.pid, "host": socket.gethostname()}, open(lock, "w"))
+    with pytest.raises(workdir.WorkdirLocked, match=f"held by another run \\(pid {holder.pid}"):
+      train.run(_cfg("rounds=1"), wd, progress=False)
+    assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
+  finally:
+    holder.kill()
+    holder.wait(timeout=10)
+  out = train.run(_cfg("rounds=1"), wd, progress=False)  # the holder is dead: stale lock taken
+  assert out.host.rounds_done == 1 and not os.path.exists(lock)
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -173,7 +218,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
                      r"newest intact checkpoint is round 2"):
     train.run(_cfg(), wd, progress=False)
   monkeypatch.setattr(ocp.CheckpointManager, "save", real)
-  out = train.run(_cfg(), wd, progress=False)  # resumes from round 2
+  out = train.run(_cfg(), wd, progress=False).summary  # resumes from round 2
   assert out["resumed_from_round"] == 2
 
 

@@ -50,7 +50,11 @@ def test_demo_and_tiny_configs_convert():
      "dp.client_clip_norm=0.0"),
     (dict(dp__mode="client", fed__weighting="uniform", dp__client_clip_norm=-2.0),
      "dp.client_clip_norm=-2.0"),
-    (dict(dp__mode="client"), "fed.weighting='examples' with dp.mode='client'"),
+    (dict(dp__mode="client", fed__weighting="examples"),
+     "fed.weighting='examples' with dp.mode='client'"),
+    (dict(fed__weighting="examples"), "fed.weighting='examples' with dp.mode='sample': weighting"),
+    (dict(data__max_client_size=0), "data.max_client_size=0 with dp.mode='sample'"),
+    (dict(data__max_client_size=-3), "data.max_client_size=-3"),
     (dict(dp__mode="client", fed__weighting="uniform", dp__client_delta=0.5),
      "dp.client_delta=0.5 >= 1/4"),
     (dict(dp__mode="client", fed__weighting="uniform", dp__adaptive_clip_quantile=1.0),
@@ -69,7 +73,7 @@ def test_demo_and_tiny_configs_convert():
     # FFA
     (dict(fed__aggregation="ffa", lora__init="zero_a"), "fed.aggregation='ffa' with lora.init"),
     (dict(lora__init="orthogonal"), "lora.init='orthogonal'"),
-    (dict(dp__noise_seed=-5), "dp.noise_seed=-5"),
+    (dict(dp__reproducible_seed=-5), "dp.reproducible_seed=-5"),
     # LoRA and data fields
     (dict(lora__alpha=0.0), "lora.alpha=0.0"),
     (dict(data__max_length=4), "data.max_length=4"),
@@ -95,6 +99,28 @@ def test_unknown_key():
   c["dp"]["epsilon"] = 3.0
   with pytest.raises(ValueError, match=r"unknown config keys \['dp.epsilon'\]"):
     config_lib.from_config_dict(c)
+
+
+def test_renamed_key_names_its_new_name():
+  c = tiny.get_config().to_dict()
+  c["dp"]["noise_seed"] = 3
+  with pytest.raises(ValueError, match="dp.noise_seed was renamed dp.reproducible_seed"):
+    config_lib.from_config_dict(c)
+
+
+def test_configs_common_is_the_dataclass_defaults():
+  """One source of truth: configs/common.py holds exactly the dataclasses' fields and defaults."""
+  from configs import common
+  base = common.base_config().to_dict()
+  want = config_lib.defaults()
+
+  def norm(d):
+    return {k: norm(v) if isinstance(v, dict) else (list(v) if isinstance(v, tuple) else v)
+            for k, v in d.items()}
+
+  assert norm(base) == norm(want)
+  assert base["data"]["max_length"] == config_lib.DataConfig().max_length
+  assert base["data"]["train_file"] == config_lib.DataConfig().train_file
 
 
 def test_unknown_short_arg():

@@ -8,6 +8,7 @@ import pytest
 from configs import tiny
 from dplora_jax import config as config_lib, train
 from dplora_jax.dp import clipping
+from dplora_jax.dp.randomness import DPRandomness
 from dplora_jax.federated import client as client_lib
 
 
@@ -16,7 +17,7 @@ def test_non_finite_update_stops_the_run(tmp_path, monkeypatch):
     return optax.chain(optax.sgd(1.0), optax.scale(float("nan")))
 
   monkeypatch.setattr(client_lib, "make_client_optimizer", nan_optimizer)
-  cfg = config_lib.from_config_dict(tiny.get_config("rounds=2,noise_seed=0"))
+  cfg = config_lib.from_config_dict(tiny.get_config("rounds=2,dp_seed=0"))
   with pytest.raises(FloatingPointError, match="round 1 produced a non-finite update"):
     train.run(cfg, str(tmp_path), progress=False)
 
@@ -31,19 +32,26 @@ def test_non_finite_example_gradients_never_reach_the_sum():
   np.testing.assert_allclose(np.asarray(clipped["w"]), [1.0, 2.0])
 
 
-def test_noise_key_comes_from_os_entropy_unless_seeded():
-  k1, src1 = train.make_noise_key(-1)
-  k2, _ = train.make_noise_key(-1)
-  assert src1 == "os-entropy"
-  assert not np.array_equal(jax.random.key_data(k1), jax.random.key_data(k2))
-  s1, src = train.make_noise_key(7)
-  s2, _ = train.make_noise_key(7)
-  assert src == "seed 7"
-  np.testing.assert_array_equal(jax.random.key_data(s1), jax.random.key_data(s2))
+def _draws(r: DPRandomness):
+  return (np.asarray(jax.random.key_data(r.noise_key)), r.example_rng.random(64),
+          r.client_rng.random(64))
 
 
-def test_report_says_where_the_noise_key_came_from(tmp_path):
+def test_every_dp_random_stream_comes_from_os_entropy_unless_seeded():
+  a, b = _draws(DPRandomness(-1)), _draws(DPRandomness(-1))
+  assert DPRandomness(-1).source == "os-entropy" and DPRandomness(-1).secret
+  for x, y in zip(a, b):  # noise key, example sampler, client sampler: all differ
+    assert not np.array_equal(x, y)
+  s1, s2 = _draws(DPRandomness(7)), _draws(DPRandomness(7))
+  for x, y in zip(s1, s2):
+    np.testing.assert_array_equal(x, y)
+  assert "not secret" in DPRandomness(7).source
+  # the three streams are distinct children, not one stream reused
+  assert not np.array_equal(s1[1], s1[2])
+
+
+def test_report_says_where_the_dp_randomness_came_from(tmp_path):
   cfg = config_lib.from_config_dict(tiny.get_config("rounds=1"))
-  summary = train.run(cfg, str(tmp_path), progress=False)
-  assert summary["noise_key_source"] == "os-entropy"
-  assert "noise key: os-entropy" in train.format_summary(summary)
+  summary = train.run(cfg, str(tmp_path), progress=False).summary
+  assert summary["dp_randomness"] == "os-entropy"
+  assert "DP randomness (noise, sampling): os-entropy" in train.format_summary(summary)

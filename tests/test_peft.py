@@ -2,13 +2,18 @@
 
 import json
 import os
+import shutil
 
+import dp_accounting
 import jax
 import numpy as np
 import pytest
+from dp_accounting import rdp
+from safetensors.numpy import load_file, save_file
 
 from configs import tiny as tiny_config
-from dplora_jax import config as config_lib, export, lora as lora_lib, peft, train
+from dplora_jax import build, config as config_lib, export, lora as lora_lib, peft, train
+from dplora_jax.dp import accounting
 from dplora_jax.models import load_model
 from tests import hf_fixtures
 
@@ -77,28 +82,69 @@ def test_adapter_saved_by_peft_loads_into_dplora_jax(tmp_path):
 
 def test_workdir_export_and_init_from_round_trip(tmp_path):
   wd = str(tmp_path / "run")
-  cfg = config_lib.from_config_dict(tiny_config.get_config("rounds=2,noise_seed=0"))
+  cfg = config_lib.from_config_dict(tiny_config.get_config("rounds=2,dp_seed=0"))
   result = train.run(cfg, wd, progress=False)
   out = export.export_workdir(wd, str(tmp_path / "adapter"))
   readme = open(os.path.join(out, "README.md")).read()
-  assert f"eps = {result['epsilon']:.4f}" in readme and "one example of one client" in readme
+  assert f"eps = {result.summary['epsilon']:.4f}" in readme
+  assert "one example of one client" in readme
   # the exported adapter, loaded on the same base, reproduces the trained model
-  model = train.load_base(cfg)[0]
+  model = build.load_base(cfg)[0]
   peft.load_adapter(model, out)
-  s = result["_setup"]
-  trained = lora_lib.apply(s.graphdef, result["_lora"], s.frozen, TOKENS)
+  s = result.setup
+  trained = lora_lib.apply(s.graphdef, result.lora, s.frozen, TOKENS)
   np.testing.assert_allclose(np.asarray(model(TOKENS)), np.asarray(trained), atol=1e-5)
   # start a new run from it
-  c = tiny_config.get_config("rounds=1,noise_seed=1")
+  c = tiny_config.get_config("rounds=1,dp_seed=1")
   with c.unlocked():
     c.lora.init_from = out
-  setup = train.build(config_lib.from_config_dict(c))
-  for a, b in zip(jax.tree.leaves(setup.lora), jax.tree.leaves(result["_lora"])):
+  setup = build.build(config_lib.from_config_dict(c))
+  for a, b in zip(jax.tree.leaves(setup.lora), jax.tree.leaves(result.lora)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
+  _check_ledger_composition(c, out, result.summary, tmp_path)
   with c.unlocked():
     c.lora.rank = 2
   with pytest.raises(ValueError, match="the adapter has rank=4 but the config says lora.rank=2"):
-    train.build(config_lib.from_config_dict(c))
+    build.build(config_lib.from_config_dict(c))
+
+
+def _check_ledger_composition(c, adapter, first, tmp_path):
+  """lora.init_from composes the adapter's ledger; a ledger-less adapter is refused unless it is
+  declared public. The expected eps is built here from the two runs' parameters with
+  dp-accounting directly."""
+  with c.unlocked():
+    c.dp.noise_multiplier = 1.0
+  cfg = config_lib.from_config_dict(c)
+  mech = build.privacy_plan(cfg).get("example")
+  q = cfg.data.batch_size / cfg.data.max_client_size
+  prior = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+      first["sampling_rate"], dp_accounting.GaussianDpEvent(first["noise_multiplier"])),
+      first["rounds"] * first["local_steps"])
+  new = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+      q, dp_accounting.GaussianDpEvent(1.0)), cfg.fed.rounds * cfg.fed.local_steps)
+  acc_delta = (cfg.dp.delta - first["truncation_delta"]) * (1 - cfg.dp.truncation_delta_fraction)
+  want = rdp.RdpAccountant(accounting.RDP_ORDERS).compose(
+      dp_accounting.ComposedDpEvent([prior, new])).get_epsilon(acc_delta)
+  fresh = rdp.RdpAccountant(accounting.RDP_ORDERS).compose(new).get_epsilon(acc_delta)
+  assert mech.epsilon == pytest.approx(want, rel=1e-9) and mech.epsilon > fresh
+  assert mech.delta <= cfg.dp.delta and len(mech.prior) == 1
+  # declared public: nothing composed, and the report says so
+  with c.unlocked():
+    c.lora.init_from_public = True
+  plan = build.privacy_plan(config_lib.from_config_dict(c))
+  assert plan.get("example").prior == () and "declared public" in plan.public["init_from"]
+  # the same weights without the ledger metadata: refused unless declared public
+  bare = tmp_path / "bare"
+  shutil.copytree(adapter, bare)
+  w = os.path.join(bare, peft.ADAPTER_WEIGHTS)
+  save_file(load_file(w), w, metadata={"format": "pt"})
+  with c.unlocked():
+    c.lora.init_from = str(bare)
+    c.lora.init_from_public = False
+  with pytest.raises(ValueError, match="carries no dplora_jax privacy ledger"):
+    build.privacy_plan(config_lib.from_config_dict(c))
+  with c.unlocked():
+    c.lora.init_from_public = True
 
 
 def test_bad_adapter_directories(tmp_path):

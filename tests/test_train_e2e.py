@@ -8,28 +8,39 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from dplora_jax import config as config_lib, train
+from dplora_jax import build, config as config_lib, lora as lora_lib, train
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("tiny"))
-  cfg = config_lib.from_config_dict(tiny.get_config("rounds=6,noise_seed=0"))
-  return wd, cfg, train.run(cfg, wd, progress=False)
+  # private diagnostics on: this test reads the (non-private) training loss
+  cfg = config_lib.from_config_dict(tiny.get_config("rounds=6,dp_seed=0,diagnostics=1"))
+  res = train.run(cfg, wd, progress=False)
+  return wd, cfg, res.summary, res
+
+
+def _factors(tree, name):
+  return [np.asarray(x) for x, f in zip(jax.tree.leaves(tree),
+                                        jax.tree.leaves(lora_lib.factor_of(tree))) if f == name]
 
 
 def test_loss_falls_and_lora_moves(result):
-  wd, cfg, summary = result
+  wd, cfg, summary, res = result
   lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert [l["round"] for l in lines] == list(range(1, 7))
-  losses = [l["loss"] for l in lines]
+  losses = [l["private_loss"] for l in lines]
   assert np.mean(losses[-2:]) < losses[0] - 0.05
-  b = [np.asarray(x) for x in jax.tree.leaves(summary["_lora"])]
-  assert any(np.abs(x).max() > 0 for x in b)  # B started at zero
+  b0, b1 = _factors(res.setup.lora, "b"), _factors(res.lora, "b")
+  assert b0 and all(np.all(x == 0) for x in b0)  # B started at zero (PEFT init)
+  assert all(np.abs(x).max() > 0 for x in b1)  # and every B moved
+  a0, a1 = _factors(res.setup.lora, "a"), _factors(res.lora, "a")
+  assert all(not np.array_equal(x, y) for x, y in zip(a0, a1))  # A trains too (fedavg)
+  assert summary["private_diagnostics"] and "NON-PRIVATE" in summary["diagnostics"]["warning"]
 
 
 def test_summary_consistent(result):
-  wd, cfg, summary = result
+  wd, cfg, summary, _ = result
   on_disk = json.load(open(os.path.join(wd, "summary.json")))
   for key in ("mode", "epsilon", "delta", "noise_multiplier", "accountant", "rounds", "clients",
               "clients_per_round", "local_steps", "lora_params", "bytes_up_total",
@@ -66,8 +77,8 @@ def test_bad_data_errors_before_compiling(tmp_path):
     c.dp.delta = 0.1
     c.dp.allow_large_delta = True
   with pytest.raises(ValueError, match="record 1 has an empty text"):
-    train.build(config_lib.from_config_dict(c))
+    build.build(config_lib.from_config_dict(c))
   with c.unlocked():
     c.data.train_file = str(tmp_path / "missing.jsonl")
   with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-    train.build(config_lib.from_config_dict(c))
+    build.build(config_lib.from_config_dict(c))

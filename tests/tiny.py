@@ -39,16 +39,27 @@ def client_data(num_clients, n, seed=0):
   return {key: np.stack([p[key] for p in per]) for key in per[0]}
 
 
+def client_spec(mechanism="sample", *, clip=0.1, sigma=1.0, divisor=3, microbatch=2, steps=1,
+                paper_noise_std=0.0, diagnostics=False):
+  """A ClientSpec with the named mechanism ("sample", "paper" or "none")."""
+  from dplora_jax.dp.mechanisms import DPSGD, PaperGroups
+  from dplora_jax.federated import client as client_lib
+  return client_lib.ClientSpec(
+      microbatch=microbatch, local_steps=steps,
+      dpsgd=DPSGD(clip, sigma, float(divisor)) if mechanism == "sample" else None,
+      paper=PaperGroups(clip, paper_noise_std) if mechanism == "paper" else None,
+      diagnostics=diagnostics)
+
+
 def round_setup(num_clients=8, n=6, steps=1, bmax=4, mechanism="sample", sigma=1.0, clip=0.1,
                 lr=0.5, devices=1, weights=None, client_dp=None, client_clip=0.0, freeze_a=False,
-                paper_noise_std=0.0, seed=0):
+                paper_noise_std=0.0, seed=0, diagnostics=False):
   """A compiled round on the tiny model with random samples: (step, state, args, extras)."""
   import optax
   from dplora_jax.federated import client as client_lib, round as round_lib
   graphdef, lora, frozen = model_and_lora(freeze_a=freeze_a)
-  spec = client_lib.ClientSpec(mechanism=mechanism, clip_norm=clip, noise_multiplier=sigma,
-                               expected_batch=3, microbatch=2, local_steps=steps,
-                               paper_noise_std=paper_noise_std)
+  spec = client_spec(mechanism, clip=clip, sigma=sigma, divisor=3, microbatch=2, steps=steps,
+                     paper_noise_std=paper_noise_std, diagnostics=diagnostics)
   mesh = round_lib.make_mesh(devices)
   server_tx = round_lib.make_server_optimizer("fedavg", 1.0)
   step = round_lib.make_round_step(graphdef, spec, optax.sgd(lr), server_tx, mesh, client_dp)

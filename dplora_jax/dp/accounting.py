@@ -1,28 +1,30 @@
 """Privacy accounting with Google's dp-accounting (RDP by default, PLD on request).
 
-The protected unit of `dp.mode = "sample"` is one example of one client (add/remove adjacency).
-Each local step of a client is a Poisson-sampled Gaussian mechanism with rate q_k = B / n_k and
-noise multiplier sigma; a client may take part in every round, so its examples are charged for
-rounds * local_steps compositions whether or not it was sampled (client sampling is not credited:
-conservative). The run's guarantee is that of the client with the largest q (the smallest client).
-The truncation of over-full Poisson samples is charged to delta (see `dp.sampling`).
+Every guarantee of a run is the eps of a dp-accounting `DpEvent` at a delta: the composition of
+the run's own releases (Poisson-sampled Gaussians, `dpsgd_event`) with any earlier releases on the
+same data (`composed_event`, e.g. the run that trained a `lora.init_from` adapter).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
+from typing import Callable, Sequence
 
 import dp_accounting
 from absl import logging as absl_logging
 from dp_accounting import pld, rdp
 
-from dplora_jax.dp import sampling
-
 RDP_ORDERS = ([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
               + [80, 96, 128, 256, 512, 1024])
 SIGMA_MAX = 1000.0
+# PLD's value discretization, relative to the eps being computed and finer for many compositions:
+# the pessimistic discretization's excess grows with eps's scale and with the number of
+# composed releases, so a fixed interval (1e-3) overstated eps ~ 0.13-0.3 by 4-30% over
+# 3,000-20,000 steps. eps / (2000 sqrt(max(1, n / 1000))) keeps it within ~1% of tight over
+# eps in [0.05, 50] (tests/dp/test_accounting.py).
+PLD_RELATIVE_INTERVAL = 1.0 / 2000
+PLD_INTERVAL_RANGE = (1e-6, 1e-2)
 # Order grids of other libraries, to reproduce their published numbers (REFERENCE.md).
 ORDER_PRESETS = {
     "default": RDP_ORDERS,
@@ -44,14 +46,35 @@ def _quiet():
     absl_logging.set_verbosity(level)
 
 
-def make_accountant(kind: str = "rdp", orders: str = "default"):
-  """A fresh dp-accounting accountant; `orders` names an RDP order grid of ORDER_PRESETS."""
+def compositions(event) -> int:
+  """The number of elementary releases composed in `event`."""
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    return event.count * compositions(event.event)
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return sum(compositions(e) for e in event.events)
+  return 1
+
+
+def pld_interval(epsilon_estimate: float, releases: int = 1) -> float:
+  """The PLD value discretization for an eps of about `epsilon_estimate` over `releases`."""
+  lo, hi = PLD_INTERVAL_RANGE
+  if not math.isfinite(epsilon_estimate):
+    return hi
+  scale = PLD_RELATIVE_INTERVAL / math.sqrt(max(1.0, releases / 1000.0))
+  return float(min(hi, max(lo, epsilon_estimate * scale)))
+
+
+def make_accountant(kind: str = "rdp", orders: str = "default", *,
+                    pld_epsilon_estimate: float = 1.0, pld_releases: int = 1):
+  """A fresh dp-accounting accountant; `orders` names an RDP order grid of ORDER_PRESETS; PLD's
+  discretization is chosen for an eps of about `pld_epsilon_estimate` over `pld_releases`."""
   if kind == "rdp":
     if orders not in ORDER_PRESETS:
       raise ValueError(f"RDP orders {orders!r}; expected one of {sorted(ORDER_PRESETS)}.")
     return rdp.RdpAccountant(ORDER_PRESETS[orders])
   if kind == "pld":
-    return pld.PLDAccountant(value_discretization_interval=1e-3)
+    return pld.PLDAccountant(
+        value_discretization_interval=pld_interval(pld_epsilon_estimate, pld_releases))
   raise ValueError(f"dp.accountant={kind!r}; expected 'rdp' or 'pld'.")
 
 
@@ -69,12 +92,37 @@ def dpsgd_event(sampling_rate: float, noise_multiplier: float, steps: int):
   return dp_accounting.SelfComposedDpEvent(event, steps)
 
 
-def epsilon(event, delta: float, kind: str = "rdp", orders: str = "default") -> float:
-  """The eps of `event` at `delta`."""
+def composed_event(events: Sequence):
+  """The composition of `events` (NoOp parts dropped; one event is returned as is)."""
+  events = [e for e in events if not isinstance(e, dp_accounting.NoOpDpEvent)]
+  if not events:
+    return dp_accounting.NoOpDpEvent()
+  if any(isinstance(e, dp_accounting.NonPrivateDpEvent) for e in events):
+    return dp_accounting.NonPrivateDpEvent()
+  return events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(list(events))
+
+
+def _is_nonprivate(event) -> bool:
   if isinstance(event, dp_accounting.NonPrivateDpEvent):
+    return True
+  return isinstance(event, dp_accounting.ComposedDpEvent) and any(map(_is_nonprivate,
+                                                                      event.events))
+
+
+def epsilon(event, delta: float, kind: str = "rdp", orders: str = "default") -> float:
+  """The eps of `event` at `delta` (PLD: discretization relative to the eps, see above)."""
+  if _is_nonprivate(event):
     return math.inf
+  if isinstance(event, dp_accounting.NoOpDpEvent):
+    return 0.0
   with _quiet():
-    return float(make_accountant(kind, orders).compose(event).get_epsilon(delta))
+    if kind == "pld":
+      estimate = epsilon(event, delta, "rdp")  # RDP >= the tight eps: a safe scale
+      acc = make_accountant("pld", pld_epsilon_estimate=estimate,
+                            pld_releases=compositions(event))
+    else:
+      acc = make_accountant(kind, orders)
+    return float(acc.compose(event).get_epsilon(delta))
 
 
 def dpsgd_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float,
@@ -82,105 +130,39 @@ def dpsgd_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, del
   return epsilon(dpsgd_event(sampling_rate, noise_multiplier, steps), delta, kind, orders)
 
 
-def calibrate_noise(sampling_rate: float, steps: int, target_epsilon: float, delta: float,
-                    kind: str = "rdp", field: str = "dp.target_epsilon",
-                    orders: str = "default") -> float:
-  """The smallest sigma (to 1e-4) whose eps after `steps` is <= target_epsilon.
+def calibrate(make_event: Callable[[float], object], target_epsilon: float, delta: float,
+              kind: str = "rdp", field: str = "dp.target_epsilon", orders: str = "default",
+              what: str = "") -> float:
+  """The smallest sigma (to 1e-4) with epsilon(make_event(sigma)) <= target_epsilon.
 
   Raises:
     ValueError: no sigma <= SIGMA_MAX reaches the target (names `field`).
   """
-  if dpsgd_epsilon(sampling_rate, SIGMA_MAX, steps, delta, kind, orders) > target_epsilon:
+  if epsilon(make_event(SIGMA_MAX), delta, kind, orders) > target_epsilon:
     raise ValueError(f"{field}={target_epsilon} is unreachable: even sigma={SIGMA_MAX} gives more "
-                     f"over {steps} steps at q={sampling_rate:.4g}, delta={delta}; raise the "
-                     "target, or lower the rounds/steps/batch.")
+                     f"{what}at delta={delta}; raise the target, or lower the rounds/steps/batch.")
   lo = 1e-3
   if kind == "pld":
     # A PLD at a tiny sigma is enormous (memory); PLD is tighter than RDP, so the RDP answer is an
     # upper bracket and half of it a safe lower one (widened if ever needed).
-    hi = calibrate_noise(sampling_rate, steps, target_epsilon, delta, "rdp", field, "default")
+    hi = calibrate(make_event, target_epsilon, delta, "rdp", field, "default", what)
     lo = hi / 2
-    while lo > 1e-3 and dpsgd_epsilon(sampling_rate, lo, steps, delta, "pld") <= target_epsilon:
+    while lo > 1e-3 and epsilon(make_event(lo), delta, "pld") <= target_epsilon:
       lo /= 2
   else:
     hi = SIGMA_MAX
+  releases = compositions(make_event(1.0))
   with _quiet():
     return float(dp_accounting.calibrate_dp_mechanism(
-        lambda: make_accountant(kind, orders), lambda s: dpsgd_event(sampling_rate, s, steps),
+        lambda: make_accountant(kind, orders, pld_epsilon_estimate=target_epsilon,
+                                pld_releases=releases), make_event,
         target_epsilon, delta,
         bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi), tol=1e-4))
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplePlan:
-  """The privacy plan of `dp.mode = "sample"`, fixed before training.
-
-  Attributes:
-    sampling_rate: q of the smallest client (the largest rate: the run's worst case).
-    steps: rounds * local_steps, the compositions each example is charged for.
-    noise_multiplier: sigma.
-    delta: the total delta reported (accountant delta + truncation delta).
-    accountant_delta: the delta handed to the accountant.
-    truncation_delta: the delta charged for cutting over-full samples.
-    max_batch: the physical Poisson batch (slots per step).
-    accountant: "rdp" or "pld".
-    epsilon: eps after all steps.
-  """
-  sampling_rate: float
-  steps: int
-  steps_per_round: int
-  noise_multiplier: float
-  delta: float
-  accountant_delta: float
-  truncation_delta: float
-  max_batch: int
-  accountant: str
-  epsilon: float
-  smallest_client: int
-
-  def epsilon_after(self, rounds_done: int) -> float:
-    return dpsgd_epsilon(self.sampling_rate, self.noise_multiplier,
-                         rounds_done * self.steps_per_round, self.accountant_delta,
-                         self.accountant)
-
-
-def plan_sample_dp(dp, client_sizes: list[int], expected_batch: int, rounds: int,
-                   local_steps: int, microbatch: int) -> SamplePlan:
-  """Calibrates (or checks) sigma and sizes the Poisson batch for per-example DP-SGD.
-
-  Raises:
-    ValueError: delta >= 1/n for the smallest client (unless dp.allow_large_delta), a batch
-      larger than a client's data, or an unreachable target.
-  """
-  n_min = min(client_sizes)
-  if expected_batch > n_min:
-    raise ValueError(f"data.batch_size={expected_batch} exceeds the smallest client's "
-                     f"{n_min} examples.")
-  if dp.delta >= 1.0 / n_min and not dp.allow_large_delta:
-    raise ValueError(f"dp.delta={dp.delta} >= 1/{n_min} (the smallest client's size): such a "
-                     "delta allows releasing an example outright; lower it or set "
-                     "dp.allow_large_delta=True.")
-  q = expected_batch / n_min
-  steps = rounds * local_steps
-  acc_delta = dp.delta * (1.0 - dp.truncation_delta_fraction)
-  trunc_budget = dp.delta * dp.truncation_delta_fraction
-  if dp.noise_multiplier > 0:
-    sigma = float(dp.noise_multiplier)
-  else:
-    sigma = calibrate_noise(q, steps, dp.target_epsilon, acc_delta, dp.accountant)
-  eps = dpsgd_epsilon(q, sigma, steps, acc_delta, dp.accountant)
-  if dp.max_batch_size:
-    max_batch = int(math.ceil(dp.max_batch_size / microbatch) * microbatch)
-  else:
-    max_batch = sampling.max_batch_for_clients(client_sizes, expected_batch, steps, eps,
-                                               trunc_budget, microbatch)
-  trunc = max(sampling.truncation_delta(n, expected_batch / n, max_batch, steps, eps)
-              for n in client_sizes)
-  if trunc > trunc_budget:
-    raise ValueError(f"dp.max_batch_size={dp.max_batch_size} is too small: cutting over-full "
-                     f"Poisson samples would cost delta {trunc:.3g} > {trunc_budget:.3g}; raise it "
-                     "or set 0 (automatic).")
-  return SamplePlan(sampling_rate=q, steps=steps, steps_per_round=local_steps,
-                    noise_multiplier=sigma, delta=acc_delta + trunc, accountant_delta=acc_delta,
-                    truncation_delta=trunc, max_batch=max_batch, accountant=dp.accountant,
-                    epsilon=eps, smallest_client=n_min)
+def calibrate_noise(sampling_rate: float, steps: int, target_epsilon: float, delta: float,
+                    kind: str = "rdp", field: str = "dp.target_epsilon",
+                    orders: str = "default") -> float:
+  """The smallest sigma (to 1e-4) whose eps after `steps` sampled Gaussians is <= the target."""
+  return calibrate(lambda s: dpsgd_event(sampling_rate, s, steps), target_epsilon, delta, kind,
+                   field, orders, what=f"over {steps} steps at q={sampling_rate:.4g} ")

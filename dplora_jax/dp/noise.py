@@ -10,7 +10,7 @@ import jax.numpy as jnp
 PyTree = Any
 
 
-def gaussian_noise_like(key: jax.Array, tree: PyTree, std: jax.Array) -> PyTree:
+def gaussian_noise_like(key: jax.Array, tree: PyTree, std: jax.Array | float) -> PyTree:
   """Independent N(0, std^2) for every coordinate of `tree` (one fresh subkey per leaf)."""
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
@@ -18,22 +18,19 @@ def gaussian_noise_like(key: jax.Array, tree: PyTree, std: jax.Array) -> PyTree:
                                       for k, x in zip(keys, leaves)])
 
 
-def add_gaussian_noise(key: jax.Array, clipped_sum: PyTree, sensitivity: jax.Array,
-                       noise_multiplier: float) -> tuple[PyTree, PyTree]:
-  """Releases clipped_sum + N(0, (noise_multiplier * sensitivity)^2 I).
+def gaussian_release(key: jax.Array, value: PyTree, sensitivity: jax.Array | float,
+                     noise_multiplier: float) -> PyTree:
+  """Releases value + N(0, (noise_multiplier * sensitivity)^2 I). The noise is not returned.
 
   Args:
     key: used for this release only (derive it with fold_in per client, round and step).
-    clipped_sum: the output of `clip_and_sum`, untouched.
-    sensitivity: the L2 sensitivity that `clip_and_sum` returned.
+    value: a clipped sum (or clipped tree), untouched since clipping.
+    sensitivity: the L2 sensitivity the clipping returned.
     noise_multiplier: sigma.
 
-  Returns:
-    (noised sum, the noise that was added).
-
-  Formal guarantee: with an L2 sensitivity of `sensitivity` under add/remove-one adjacency, this
-  is the Gaussian mechanism with noise multiplier sigma; composed and subsampled as described by
-  `dplora_jax.dp.accounting`, it yields the run's (eps, delta).
+  Formal guarantee: with L2 sensitivity `sensitivity` under the neighbouring relation of the
+  caller, this is the Gaussian mechanism with noise multiplier sigma (RDP
+  alpha / (2 sigma^2)); subsampling and composition are accounted in `dp.accounting`.
   """
-  noise = gaussian_noise_like(key, clipped_sum, noise_multiplier * sensitivity)
-  return jax.tree.map(jnp.add, clipped_sum, noise), noise
+  z = gaussian_noise_like(key, value, noise_multiplier * sensitivity)
+  return jax.tree.map(lambda x, n: x.astype(jnp.float32) + n, value, z)

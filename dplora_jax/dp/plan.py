@@ -1,16 +1,24 @@
 """The privacy plan of a run: every mechanism in it, the unit it protects, and its accounting.
 
-A run holds up to two mechanisms, fixed before training from the same config that builds them:
+`make_plan` is the one place where sigma, C, q and the unit of each mechanism are decided; the
+same object builds the compiled mechanisms (`dpsgd`, `paper`, `server`: `dp.mechanisms` specs)
+and the accountant's events (`Mechanism.event`), so the two cannot drift apart. Only public
+values enter: the config (including the public client-size bound `data.max_client_size`) and the
+ledger of a starting adapter; never the data or the realised client sizes.
 
 - "example" (dp.mode sample / sample+client): DP-SGD on each client. Unit: one example of one
-  client (add/remove). Each local step is a Poisson-sampled Gaussian with q = B / n_k; see
-  `accounting.plan_sample_dp`.
+  client, add/remove. Each local step is a Poisson-sampled Gaussian with the public rate
+  q = data.batch_size / data.max_client_size (the same q for every client, so no client's sigma
+  depends on another's size); the divisor is the public B and the physical batch is sized for a
+  client of the public bound, so a neighbouring dataset (n_k +/- 1) changes none of them.
+  Truncation of over-full samples is charged to delta (`dp.sampling`).
 - "client" (dp.mode client / sample+client): DP-FedAvg (McMahan et al. 2018). Unit: one whole
   client (add/remove of its dataset). Each round is a Poisson-sampled (rate p) Gaussian on the sum
   of client updates clipped to S; client sampling is credited. With adaptive clipping (Andrew et
-  al. 2021) the unclipped-count release uses noise sigma_b and the update sum sigma_delta =
-  (sigma^-2 - (2 sigma_b)^-2)^-1/2, which together are exactly as private as one Gaussian with
-  multiplier sigma (their Theorem 1): the plan accounts sigma.
+  al. 2021) the shifted count sum(b_i - 1/2) (sensitivity 1/2) gets noise std sigma_b, i.e.
+  multiplier 2 sigma_b, and the update sum multiplier sigma_delta =
+  (sigma^-2 - (2 sigma_b)^-2)^-1/2: together exactly one Gaussian with multiplier sigma (their
+  Theorem 1), which is what is accounted.
 - "paper" (dp.mode paper): Algorithm 1 of the DP-LoRA paper, reported twice:
   * the paper's claim: sigma = sqrt(2 ln(1.25/delta)) / eps is the classical Gaussian mechanism
     for ONE release of sensitivity 1, valid only for eps < 1 (Dwork and Roth, Thm A.1);
@@ -18,11 +26,8 @@ A run holds up to two mechanisms, fixed before training from the same config tha
     group (A and B; B only under FFA), clip_C(mean gradient) + N(0, s^2) with s = sigma C (or
     sigma C / B). The clipped group gradient has norm <= C for ANY batch, so replacing one example,
     or even the whole batch, moves it by at most 2C: per-group sensitivity 2C, multiplier
-    s / 2C. Batches are drawn without claiming amplification (the paper claims none; an example
-    may be in every batch), and nothing else protects a client between rounds, so each client
-    composes groups x rounds Gaussian releases. The unit is therefore one client's whole data
-    under replace-one adjacency (which covers any single example in it). Composition over
-    2T releases and the doubled sensitivity are why the honest eps exceeds the per-step claim.
+    s / 2C. No amplification is claimed, so each client composes groups x rounds Gaussian
+    releases. The unit is one client's whole data under replace-one adjacency.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from dplora_jax.dp import accounting
+from dplora_jax.dp import accounting, sampling
+from dplora_jax.dp.ledger import Ledger, LedgerEntry, Segment
+from dplora_jax.dp.mechanisms import DPSGD, AdaptiveClip, ClientDP, PaperGroups
 
 UNITS = {
     "example": "one example of one client (add/remove)",
@@ -51,7 +58,7 @@ def paper_epsilon(sigma: float, delta: float) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Mechanism:
-  """One privacy mechanism of a run and its guarantee.
+  """One privacy mechanism of a run and its guarantee (the accountant's view).
 
   Attributes:
     name: "example", "client" or "paper".
@@ -60,10 +67,12 @@ class Mechanism:
     releases_per_round: Gaussian releases charged per round to the unit.
     rounds: planned rounds.
     noise_multiplier: the accounted multiplier (noise std / L2 sensitivity).
-    delta: the total delta reported (accountant delta + any other charge).
+    delta: the total delta reported (accountant delta + truncation + earlier runs' charges).
     accountant_delta: the delta handed to the accountant.
     accountant: "rdp" or "pld".
-    epsilon: eps after all planned rounds.
+    epsilon: eps after all planned rounds (earlier runs included).
+    extra_delta: this run's delta charged outside the accountant (truncation).
+    prior: segments of earlier runs on the same data (a starting adapter's ledger).
     details: mechanism-specific facts for the report (all JSON-serialisable).
   """
   name: str
@@ -76,72 +85,143 @@ class Mechanism:
   accountant_delta: float
   accountant: str
   epsilon: float
+  extra_delta: float = 0.0
+  prior: tuple[Segment, ...] = ()
   details: dict = dataclasses.field(default_factory=dict)
 
+  def entry(self, rounds_done: int) -> LedgerEntry:
+    """The ledger entry after `rounds_done` rounds of this run."""
+    own = Segment(self.sampling_rate, self.noise_multiplier,
+                  rounds_done * self.releases_per_round, self.extra_delta)
+    return LedgerEntry(self.name, self.unit, self.accountant, self.accountant_delta,
+                       self.prior + (own,))
+
   def event(self, rounds_done: int):
-    """The dp-accounting DpEvent of the first `rounds_done` rounds (the ledger's content)."""
-    return accounting.dpsgd_event(self.sampling_rate, self.noise_multiplier,
-                                  rounds_done * self.releases_per_round)
+    """The dp-accounting DpEvent of everything released after `rounds_done` rounds."""
+    return self.entry(rounds_done).event()
 
   def epsilon_after(self, rounds_done: int) -> float:
-    return accounting.epsilon(self.event(rounds_done), self.accountant_delta, self.accountant)
+    return self.entry(rounds_done).epsilon
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    d["prior"] = [s.to_dict() for s in self.prior]
+    return d
 
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyPlan:
-  """Every mechanism of a run plus the numbers the compiled round needs.
+  """Every mechanism of a run plus the compiled mechanisms built from the same numbers.
 
   Attributes:
-    mechanisms: in report order (example, client) or (paper,).
-    sample: the example-level plan (physical Poisson batch) or None.
-    client_sum_noise: sigma_delta, the multiplier of the noise on the clipped update sum.
-    client_count_noise: sigma_b, the std of the noise on the unclipped count (adaptive only).
-    expected_clients: p K, the server's fixed divisor.
-    paper_noise_std: the absolute noise std per group in paper mode (sigma C or sigma C / B).
+    mechanisms: accounting records in report order (example, client) or (paper,).
+    dpsgd: the client step's per-example DP-SGD spec, or None.
+    paper: the paper-mode group release spec, or None.
+    server: the server's client-level DP spec, or None.
+    max_batch: the physical Poisson batch of the example-level mechanism (0: not fixed here).
+    public: what the guarantee assumes public, beyond the config (for the report).
   """
   mechanisms: tuple[Mechanism, ...]
-  sample: accounting.SamplePlan | None = None
-  client_sum_noise: float = 0.0
-  client_count_noise: float = 0.0
-  expected_clients: float = 0.0
-  paper_noise_std: float = 0.0
+  dpsgd: DPSGD | None = None
+  paper: PaperGroups | None = None
+  server: ClientDP | None = None
+  max_batch: int = 0
+  public: dict = dataclasses.field(default_factory=dict)
 
   def get(self, name: str) -> Mechanism | None:
     return next((m for m in self.mechanisms if m.name == name), None)
 
+  def ledger(self, rounds_done: int) -> Ledger:
+    return Ledger.of(rounds_done, (m.entry(rounds_done) for m in self.mechanisms))
+
   def to_dict(self) -> dict:
     return {"mechanisms": [m.to_dict() for m in self.mechanisms],
-            "client_sum_noise": self.client_sum_noise,
-            "client_count_noise": self.client_count_noise,
-            "expected_clients": self.expected_clients, "paper_noise_std": self.paper_noise_std}
+            "client_sum_noise": self.server.sum_noise if self.server else 0.0,
+            "client_count_noise": (self.server.adaptive.count_noise
+                                   if self.server and self.server.adaptive else 0.0),
+            "expected_clients": self.server.expected_clients if self.server else 0.0,
+            "paper_noise_std": self.paper.noise_std if self.paper else 0.0,
+            "max_batch": self.max_batch, "public": self.public}
 
 
-def _example(dp, client_sizes, batch_size, rounds, local_steps, microbatch):
-  sp = accounting.plan_sample_dp(dp, client_sizes, batch_size, rounds, local_steps, microbatch)
+def _prior_budget(prior: tuple[Segment, ...], delta: float, field: str) -> float:
+  extra = sum(s.extra_delta for s in prior)
+  if extra >= delta:
+    raise ValueError(f"{field}={delta} is used up by the starting adapter's delta ({extra:.3g}); "
+                     "raise it.")
+  return extra
+
+
+def _example(cfg, prior: tuple[Segment, ...]):
+  dp, fed, d = cfg.dp, cfg.fed, cfg.data
+  n_pub, b = d.max_client_size, d.batch_size
+  if n_pub <= 0:
+    raise ValueError(f"data.max_client_size={n_pub}: example-level DP needs a public upper "
+                     "bound on every client's number of examples (the sampling rate, the noise and "
+                     "the physical batch are derived from it, never from the private sizes).")
+  if b > n_pub:
+    raise ValueError(f"data.batch_size={b} exceeds data.max_client_size={n_pub}.")
+  if dp.delta >= 1.0 / n_pub and not dp.allow_large_delta:
+    raise ValueError(f"dp.delta={dp.delta} >= 1/{n_pub} (one over data.max_client_size): such a "
+                     "delta allows releasing an example outright; lower it or set "
+                     "dp.allow_large_delta=True.")
+  q = b / n_pub
+  steps = fed.rounds * fed.local_steps
+  prior_extra = _prior_budget(prior, dp.delta, "dp.delta")
+  budget = dp.delta - prior_extra
+  acc_delta = budget * (1.0 - dp.truncation_delta_fraction)
+  trunc_budget = budget * dp.truncation_delta_fraction
+  prior_events = [s.event() for s in prior]
+
+  def event(sigma):
+    return accounting.composed_event(prior_events + [accounting.dpsgd_event(q, sigma, steps)])
+
+  if dp.noise_multiplier > 0:
+    sigma = float(dp.noise_multiplier)
+  else:
+    sigma = accounting.calibrate(event, dp.target_epsilon, acc_delta, dp.accountant,
+                                 what=f"over {steps} steps at q={q:.4g} ")
+  eps = accounting.epsilon(event(sigma), acc_delta, dp.accountant)
+  mb = cfg.optim.microbatch_size
+  if dp.max_batch_size:
+    max_batch = int(math.ceil(dp.max_batch_size / mb) * mb)
+  else:
+    max_batch = sampling.choose_max_batch(n_pub, q, steps, eps, trunc_budget, mb)
+  trunc = sampling.truncation_delta(n_pub, q, max_batch, steps, eps)
+  if trunc > trunc_budget:
+    raise ValueError(f"dp.max_batch_size={dp.max_batch_size} is too small: cutting over-full "
+                     f"Poisson samples would cost delta {trunc:.3g} > {trunc_budget:.3g}; raise it "
+                     "or set 0 (automatic).")
   mech = Mechanism(
-      name="example", unit=UNITS["example"], sampling_rate=sp.sampling_rate,
-      releases_per_round=local_steps, rounds=rounds, noise_multiplier=sp.noise_multiplier,
-      delta=sp.delta, accountant_delta=sp.accountant_delta, accountant=dp.accountant,
-      epsilon=sp.epsilon,
-      details={"clip_norm": dp.clip_norm, "expected_batch": batch_size,
-               "max_batch": sp.max_batch, "truncation_delta": sp.truncation_delta,
-               "smallest_client": sp.smallest_client,
+      name="example", unit=UNITS["example"], sampling_rate=q, releases_per_round=fed.local_steps,
+      rounds=fed.rounds, noise_multiplier=sigma, delta=acc_delta + trunc + prior_extra,
+      accountant_delta=acc_delta, accountant=dp.accountant, epsilon=eps, extra_delta=trunc,
+      prior=prior,
+      details={"clip_norm": dp.clip_norm, "expected_batch": b, "max_batch": max_batch,
+               "truncation_delta": trunc, "max_client_size": n_pub,
                "note": "client sampling not credited (conservative)"})
-  return sp, mech
+  return mech, DPSGD(float(dp.clip_norm), sigma, float(b)), max_batch
 
 
-def _client(dp, num_clients, client_rate, rounds):
-  p = float(client_rate)
+def _client(cfg, prior: tuple[Segment, ...]):
+  dp, fed = cfg.dp, cfg.fed
+  p = float(fed.client_rate)
+  prior_extra = _prior_budget(prior, dp.client_delta, "dp.client_delta")
+  acc_delta = dp.client_delta - prior_extra
+  prior_events = [s.event() for s in prior]
+
+  def event(sigma):
+    return accounting.composed_event(prior_events
+                                     + [accounting.dpsgd_event(p, sigma, fed.rounds)])
+
   if dp.client_noise_multiplier > 0:
     sigma = float(dp.client_noise_multiplier)
   else:
-    sigma = accounting.calibrate_noise(p, rounds, dp.client_target_epsilon, dp.client_delta,
-                                       dp.accountant, field="dp.client_target_epsilon")
-  expected = p * num_clients
-  sum_noise, count_noise = sigma, 0.0
+    sigma = accounting.calibrate(event, dp.client_target_epsilon, acc_delta, dp.accountant,
+                                 field="dp.client_target_epsilon",
+                                 what=f"over {fed.rounds} rounds at p={p:.4g} ")
+  expected = p * fed.num_clients
+  sum_noise, adaptive = sigma, None
   if dp.adaptive:
     count_noise = float(dp.adaptive_clip_count_noise or expected / 20.0)
     if not count_noise > sigma / 2:
@@ -149,58 +229,98 @@ def _client(dp, num_clients, client_rate, rounds):
                        f"{sigma / 2:.4g}: the count release would spend the whole budget; raise "
                        "it or the number of clients, or use fixed clipping.")
     sum_noise = (sigma ** -2 - (2 * count_noise) ** -2) ** -0.5
-  eps = accounting.dpsgd_epsilon(p, sigma, rounds, dp.client_delta, dp.accountant)
+    adaptive = AdaptiveClip(float(dp.adaptive_clip_quantile), float(dp.adaptive_clip_lr),
+                            count_noise, expected)
+  eps = accounting.epsilon(event(sigma), acc_delta, dp.accountant)
   mech = Mechanism(
-      name="client", unit=UNITS["client"], sampling_rate=p, releases_per_round=1, rounds=rounds,
-      noise_multiplier=sigma, delta=dp.client_delta, accountant_delta=dp.client_delta,
-      accountant=dp.accountant, epsilon=eps,
+      name="client", unit=UNITS["client"], sampling_rate=p, releases_per_round=1,
+      rounds=fed.rounds, noise_multiplier=sigma, delta=acc_delta + prior_extra,
+      accountant_delta=acc_delta, accountant=dp.accountant, epsilon=eps, prior=prior,
       details={"clip_norm": dp.client_clip_norm, "adaptive": dp.adaptive,
                "quantile": dp.adaptive_clip_quantile, "sum_noise_multiplier": sum_noise,
-               "count_noise_std": count_noise, "expected_clients": expected})
-  return mech, sum_noise, count_noise, expected
+               "count_noise_std": adaptive.count_noise if adaptive else 0.0,
+               "count_sensitivity": 0.5 if adaptive else 0.0, "expected_clients": expected})
+  return mech, ClientDP(sum_noise, expected, adaptive)
 
 
-def _paper(dp, batch_size, rounds, groups):
+def _paper(cfg, prior: tuple[Segment, ...]):
+  dp = cfg.dp
+  groups = 1 if (cfg.fed.aggregation == "ffa" or cfg.lora.freeze_a) else 2
   sigma = (float(dp.noise_multiplier) if dp.noise_multiplier > 0
            else paper_sigma(dp.target_epsilon, dp.delta))
-  std = sigma * dp.clip_norm / (batch_size if dp.paper_noise == "sigma_c_over_b" else 1)
+  b = cfg.data.batch_size
+  std = sigma * dp.clip_norm / (b if dp.paper_noise == "sigma_c_over_b" else 1)
   honest = std / (2.0 * dp.clip_norm)  # per-group sensitivity 2C
   claimed = paper_epsilon(sigma, dp.delta)
+  prior_extra = _prior_budget(prior, dp.delta, "dp.delta")
+  acc_delta = dp.delta - prior_extra
   mech = Mechanism(
       name="paper", unit=UNITS["paper"], sampling_rate=1.0, releases_per_round=groups,
-      rounds=rounds, noise_multiplier=honest, delta=dp.delta, accountant_delta=dp.delta,
-      accountant=dp.accountant,
-      epsilon=accounting.dpsgd_epsilon(1.0, honest, rounds * groups, dp.delta, dp.accountant),
+      rounds=cfg.fed.rounds, noise_multiplier=honest, delta=dp.delta, accountant_delta=acc_delta,
+      accountant=dp.accountant, epsilon=0.0, prior=prior,
       details={"paper_sigma": sigma, "paper_epsilon_per_iteration": claimed,
                "paper_formula_valid": claimed < 1.0, "noise_std": std, "clip_norm": dp.clip_norm,
                "groups": groups, "sensitivity_per_group": 2 * dp.clip_norm,
                "paper_noise": dp.paper_noise})
-  return mech, std
+  mech = dataclasses.replace(mech, epsilon=mech.epsilon_after(cfg.fed.rounds))
+  return mech, PaperGroups(float(dp.clip_norm), std)
 
 
-def make_plan(cfg, client_sizes: list[int]) -> PrivacyPlan:
-  """Builds the plan of `cfg` (a `config.RunConfig`) for these client sizes.
+def priors_from(cfg, ledger: Ledger | None) -> dict[str, tuple[Segment, ...]]:
+  """Segments of a starting adapter's ledger per mechanism of `cfg` (see `make_plan`).
 
   Raises:
-    ValueError: unreachable targets, deltas too large for the unit count, or inconsistent
-      adaptive-clipping noise (naming the field).
+    ValueError: the adapter's ledger lacks a guarantee for a unit this run protects.
   """
-  dp, fed = cfg.dp, cfg.fed
+  if ledger is None:
+    return {}
+  names = _names(cfg)
+  out = {}
+  for name in names:
+    entry = ledger.get(name)
+    if entry is None:
+      have = [e.name for e in ledger.entries] or ["none: trained without DP"]
+      raise ValueError(
+          f"lora.init_from={cfg.lora.init_from!r}: the adapter's privacy ledger has no "
+          f"{name}-level guarantee (it has {have}), so this run's {name}-level eps cannot be "
+          "stated; start from another adapter, or set lora.init_from_public=True if it was "
+          "trained without this run's private data.")
+    out[name] = entry.segments
+  return out
+
+
+def _names(cfg) -> list[str]:
+  dp = cfg.dp
+  return ((["example"] if dp.sample_level else []) + (["client"] if dp.client_level else [])
+          + (["paper"] if dp.mode == "paper" else []))
+
+
+def make_plan(cfg, prior: Ledger | None = None) -> PrivacyPlan:
+  """Builds the plan of `cfg` (a `config.RunConfig`) from public values only.
+
+  Args:
+    prior: the ledger of the starting adapter (`lora.init_from`) when it is not declared public;
+      its segments are composed into every mechanism of the same unit.
+
+  Raises:
+    ValueError: unreachable targets, deltas too large for the unit count, a missing public size
+      bound, inconsistent adaptive-clipping noise, or a prior without this run's units.
+  """
+  priors = priors_from(cfg, prior)
   mechanisms, kw = [], {}
-  if dp.sample_level:
-    sp, mech = _example(dp, client_sizes, cfg.data.batch_size, fed.rounds, fed.local_steps,
-                        cfg.optim.microbatch_size)
+  if cfg.dp.sample_level:
+    mech, kw["dpsgd"], kw["max_batch"] = _example(cfg, priors.get("example", ()))
     mechanisms.append(mech)
-    kw["sample"] = sp
-  if dp.client_level:
-    mech, kw["client_sum_noise"], kw["client_count_noise"], kw["expected_clients"] = _client(
-        dp, fed.num_clients, fed.client_rate, fed.rounds)
+  if cfg.dp.client_level:
+    mech, kw["server"] = _client(cfg, priors.get("client", ()))
     mechanisms.append(mech)
-  if dp.mode == "paper":
-    if cfg.data.batch_size > min(client_sizes):
-      raise ValueError(f"data.batch_size={cfg.data.batch_size} exceeds the smallest client's "
-                       f"{min(client_sizes)} examples.")
-    groups = 1 if (fed.aggregation == "ffa" or cfg.lora.freeze_a) else 2
-    mech, kw["paper_noise_std"] = _paper(dp, cfg.data.batch_size, fed.rounds, groups)
+  if cfg.dp.mode == "paper":
+    mech, kw["paper"] = _paper(cfg, priors.get("paper", ()))
     mechanisms.append(mech)
-  return PrivacyPlan(tuple(mechanisms), **kw)
+  public = {"config": True}
+  if cfg.data.max_client_size:
+    public["max_client_size"] = cfg.data.max_client_size
+  if cfg.lora.init_from:
+    public["init_from"] = ("declared public (lora.init_from_public)" if cfg.lora.init_from_public
+                           else "private: its ledger is composed")
+  return PrivacyPlan(tuple(mechanisms), public=public, **kw)

@@ -50,19 +50,28 @@ def max_batch_for_clients(sizes: list[int], expected_batch: int, steps: int, eps
 
 
 class PoissonSampler:
-  """Per-client Poisson sampling into fixed-size index/mask arrays, seeded on the host."""
+  """Per-client Poisson sampling into fixed-size index/mask arrays.
 
-  def __init__(self, client_sizes: list[int], expected_batch: int, max_batch: int,
-               seed: int, poisson: bool = True):
+  The generator must come from `dp.randomness.DPRandomness` (secret unless the user asked for a
+  reproducible run): whoever can regenerate the sample can undo the amplification by sampling.
+  """
+
+  def __init__(self, client_sizes: list[int], rates: list[float], max_batch: int,
+               rng: np.random.Generator, poisson: bool = True, fixed_batch: int = 0):
+    """`rates[k]` is client k's Poisson rate (public: the plan's q); `fixed_batch` is the batch
+    of non-Poisson sampling (non-private baselines and paper mode)."""
+    if len(rates) != len(client_sizes):
+      raise ValueError(f"{len(rates)} rates for {len(client_sizes)} clients.")
     self.sizes = list(client_sizes)
-    self.expected_batch = expected_batch
+    self.rates = [float(min(1.0, r)) for r in rates]
     self.max_batch = max_batch
     self.poisson = poisson
-    self.rng = np.random.default_rng(seed)
-    self.overflows = 0  # count of over-full samples seen (host statistics only)
+    self.fixed_batch = fixed_batch
+    self.rng = rng
+    self.overflows = 0  # over-full samples seen (a private diagnostic: never in default outputs)
 
   def rate(self, k: int) -> float:
-    return min(1.0, self.expected_batch / self.sizes[k])
+    return self.rates[k]
 
   def sample(self, num_steps: int, num_slots: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices [K_slots, steps, max_batch] int32 and mask of the same shape (bool).
@@ -74,9 +83,9 @@ class PoissonSampler:
     for k, n in enumerate(self.sizes):
       for s in range(num_steps):
         if self.poisson:
-          chosen = np.flatnonzero(self.rng.random(n) < self.rate(k))
-        else:  # fixed-size batch without replacement (non-private baselines)
-          chosen = self.rng.choice(n, size=min(self.expected_batch, n), replace=False)
+          chosen = np.flatnonzero(self.rng.random(n) < self.rates[k])
+        else:  # fixed-size batch without replacement (non-private baselines, paper mode)
+          chosen = self.rng.choice(n, size=min(self.fixed_batch, n), replace=False)
         if len(chosen) > self.max_batch:
           self.overflows += 1
           chosen = self.rng.choice(chosen, size=self.max_batch, replace=False)
@@ -85,10 +94,9 @@ class PoissonSampler:
     return idx, valid
 
   def state(self) -> dict:
-    return {"rng": self.rng.bit_generator.state, "overflows": self.overflows}
+    return {"overflows": self.overflows}
 
   def restore(self, state: dict):
-    self.rng.bit_generator.state = state["rng"]
     self.overflows = state["overflows"]
 
 

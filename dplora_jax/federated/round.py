@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dplora_jax.dp import clipping
+from dplora_jax.dp.mechanisms import ClientDP
 from dplora_jax.federated import aggregation, client as client_lib
 
 PyTree = Any
@@ -53,14 +53,15 @@ def init_state(lora: PyTree, server_tx: optax.GradientTransformation,
 
 
 def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx, mesh,
-                    client_dp: aggregation.ClientDP | None = None):
+                    client_dp: ClientDP | None = None):
   """Builds `round_step(state, frozen, data, idx, valid, weights, client_ids, noise_key)`.
 
   Args:
     graphdef, spec, client_tx: the client's model definition, mechanism and optimizer.
     server_tx: the server optimizer (applied to the negated average update).
     mesh: a mesh with a "clients" axis.
-    client_dp: client-level DP at the server (DP-FedAvg), or None (weighted FedAvg).
+    client_dp: client-level DP at the server (DP-FedAvg; the plan's `server`), or None
+      (weighted FedAvg).
 
   Args (of the returned function):
     state: RoundState (donated).
@@ -70,17 +71,20 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
     weights: [K] float aggregation weights; 0 for unsampled and padding clients (1 for
       participants under client-level DP).
     client_ids: [K] int32 global client ids (noise keys derive from them).
-    noise_key: the run's DP-noise key. It feeds two streams only: clients use
+    noise_key: the run's secret DP-noise key. It feeds two streams only: clients use
       fold_in(fold_in(fold_in(noise_key, 0), r), client_id), then fold_in(., step); the server
       uses fold_in(fold_in(noise_key, 1), r).
 
   Returns:
-    (new state, metrics dict of scalars).
+    (new state, {"public": ..., "diagnostics": ...}). "public" holds only what the release
+    definition allows (`dp.release`): participants, whether the new LoRA is finite, and the
+    client-level S and noised unclipped fraction. "diagnostics" (only with spec.diagnostics)
+    holds unnoised statistics of private data. The noise itself is never returned.
 
   Formal guarantee: each client's update is `client_lib.local_train` (its mechanism is stated
-  there); with `client_dp`, the server's release is `aggregation.privatize_sum` of updates clipped
-  by `aggregation.clip_updates`; everything else post-processes those releases. Zero-weight
-  clients contribute exactly zero.
+  there); with `client_dp`, the server's release is `ClientDP.release` of updates clipped by
+  `ClientDP.clip`; everything else post-processes those releases. Zero-weight clients contribute
+  exactly zero.
   """
   local = functools.partial(client_lib.local_train, graphdef, spec, client_tx)
 
@@ -95,7 +99,7 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
     if client_dp is None:
       summed = aggregation.weighted_sum(deltas, weights)
     else:
-      summed, sums["unclipped"], _ = aggregation.clip_updates(deltas, take, client_clip)
+      summed, sums["shifted_count"], _ = client_dp.clip(deltas, take, client_clip)
     return jax.lax.psum((summed, sums), AXIS)
 
   sharded = jax.shard_map(
@@ -108,22 +112,27 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
     server_key = jax.random.fold_in(jax.random.fold_in(noise_key, 1), state.round)
     summed, sums = sharded(state.lora, frozen, data, idx, valid, weights, client_ids,
                            client_key, state.client_clip)
-    extra, client_clip = {}, state.client_clip
+    public, client_clip = {}, state.client_clip
     if client_dp is None:
       denom = jnp.maximum(sums["weight"], 1e-12)
       avg_delta = jax.tree.map(lambda d: d / denom, summed)
     else:
-      avg_delta, client_clip, extra = aggregation.privatize_sum(
-          server_key, summed, sums["unclipped"], state.client_clip, client_dp)
+      avg_delta, client_clip, public = client_dp.release(
+          server_key, summed, sums["shifted_count"], state.client_clip)
     neg = jax.tree.map(jnp.negative, avg_delta)
     updates, server_opt = server_tx.update(neg, state.server_opt, state.lora)
     new_lora = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype),
                             state.lora, updates)
-    n = jnp.maximum(sums["participants"], 1.0)
-    metrics = {"loss": sums["loss"] / n, "clip_fraction": sums["clip_fraction"] / n,
-               "noise_norm": sums["noise_norm"] / n, "signal_norm": sums["signal_norm"] / n,
-               "participants": sums["participants"],
-               "update_norm": clipping.global_norm(updates), **extra}
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_lora)]))
+    public = dict(public, participants=sums["participants"], lora_finite=finite)
+    diagnostics = {}
+    if spec.diagnostics:
+      n = jnp.maximum(sums["participants"], 1.0)
+      diagnostics = {"loss": sums["loss"] / n, "clip_fraction": sums["clip_fraction"] / n,
+                     "signal_norm": sums["signal_norm"] / n, "examples": sums["examples"]}
+      if client_dp is not None:
+        diagnostics["unclipped_clients"] = sums["shifted_count"] + 0.5 * sums["participants"]
+    metrics = {"public": public, "diagnostics": diagnostics}
     return RoundState(state.round + 1, new_lora, server_opt, client_clip), metrics
 
   # Pin the state's sharding (replicated) so round 2 sees exactly round 1's input layout and the

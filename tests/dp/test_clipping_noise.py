@@ -69,7 +69,7 @@ def test_non_finite_example_never_reaches_the_sum():
 def test_gaussian_noise_std_and_independence():
   zeros = {"a": jnp.zeros((200, 50)), "b": jnp.zeros((3000,))}
   sigma, c = 1.3, 0.5
-  out, z = noise.add_gaussian_noise(jax.random.key(0), zeros, jnp.float32(c), sigma)
+  out = noise.gaussian_release(jax.random.key(0), zeros, jnp.float32(c), sigma)
   x = np.concatenate([np.ravel(v) for v in jax.tree.leaves(out)])
   n = x.size
   # chi-square confidence interval for the variance (99.9%)
@@ -99,8 +99,7 @@ def test_microbatched_clipped_sum_equals_loop_and_noise_law():
   ex = tiny.examples(8)
   valid = jnp.array([1, 1, 0, 1, 1, 1, 0, 1], bool)
   c = 0.05
-  spec = client_lib.ClientSpec(mechanism="sample", clip_norm=c, noise_multiplier=0.0,
-                               expected_batch=6, microbatch=4, local_steps=1)
+  spec = tiny.client_spec("sample", clip=c, sigma=0.0, divisor=6, microbatch=4)
   g_sum, stats_ = jax.jit(lambda l: client_lib.per_example_grads_sum(
       graphdef, spec, l, frozen, ex, valid))(lora)
   want = jax.tree.map(jnp.zeros_like, lora)
@@ -114,8 +113,7 @@ def test_microbatched_clipped_sum_equals_loop_and_noise_law():
   assert int(stats_["count"]) == 6
   # privatized gradient: (sum + N(0, (sigma C)^2)) / B
   sigma = 2.0
-  spec = client_lib.ClientSpec(mechanism="sample", clip_norm=c, noise_multiplier=sigma,
-                               expected_batch=6, microbatch=4, local_steps=1)
+  spec = tiny.client_spec("sample", clip=c, sigma=sigma, divisor=6, microbatch=4)
   grad, _ = client_lib.privatized_gradient(graphdef, spec, lora, frozen, ex, valid,
                                            jax.random.key(3))
   z = np.concatenate([np.ravel(np.asarray(a) - np.asarray(b) / 6)

@@ -13,10 +13,16 @@ from scipy import stats
 
 from configs import tiny as tiny_config
 from dplora_jax import config as config_lib, train
-from dplora_jax.config import DPConfig
+from dplora_jax.config import DataConfig, DPConfig, FedConfig, RunConfig
 from dplora_jax.dp import accounting, plan as plan_lib
-from dplora_jax.federated import aggregation, round as round_lib
+from dplora_jax.dp.mechanisms import AdaptiveClip, ClientDP
+from dplora_jax.federated import round as round_lib
 from tests import tiny
+
+
+ADAPTIVE = ClientDP(sum_noise=1.0, expected_clients=6.0,
+                    adaptive=AdaptiveClip(quantile=0.5, lr=0.2, count_noise=1.0,
+                                          expected_clients=6.0))
 
 
 def _deltas(k=6, seed=0, scale=1.0):
@@ -31,21 +37,21 @@ def test_each_clipped_client_update_is_at_most_s_and_padding_and_nan_are_zero():
   d = {"a": d["a"], "b": d["b"].at[5, 0].set(jnp.nan)}  # client 5 has a non-finite update
   for c in range(6):
     take = jnp.arange(6) == c
-    summed, unclipped, norms = aggregation.clip_updates(d, take, jnp.float32(s))
+    summed, shifted, norms = ADAPTIVE.clip(d, take, jnp.float32(s))
     n = float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(summed))))
     assert n <= s * (1 + 1e-6)
-    if c == 5:
-      assert n == 0.0 and float(unclipped) == 0.0
+    if c == 5:  # non-finite: contributes 0 and counts as clipped (b = 0, shifted -1/2)
+      assert n == 0.0 and float(shifted) == -0.5
     elif float(norms[c]) <= s:
       np.testing.assert_allclose(summed["a"], d["a"][c], rtol=1e-6)  # not clipped: unchanged
-      assert float(unclipped) == 1.0
-  none, count, _ = aggregation.clip_updates(d, jnp.zeros(6, bool), jnp.float32(s))
+      assert float(shifted) == 0.5
+  none, count, _ = ADAPTIVE.clip(d, jnp.zeros(6, bool), jnp.float32(s))
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(none)) and float(count) == 0
 
 
 def _client_round(weights, data_override=None, sum_noise=0.0, clip=0.05, rnd=0, valid=None):
   k = len(weights)
-  spec = aggregation.ClientDP(sum_noise=sum_noise, expected_clients=float(k))
+  spec = ClientDP(sum_noise=sum_noise, expected_clients=float(k))
   step, state, args, extra = tiny.round_setup(num_clients=k, mechanism="none", lr=2.0,
                                               weights=weights, client_dp=spec, client_clip=clip)
   mesh = round_lib.make_mesh(1)
@@ -107,15 +113,80 @@ def test_server_noise_std_is_sigma_s_over_expected_clients_and_fresh_each_round(
 
 
 def test_adaptive_clipping_moves_s_geometrically_towards_the_quantile():
-  spec = aggregation.ClientDP(sum_noise=0.0, expected_clients=4.0, adaptive=True,
-                              count_noise=0.0, quantile=0.5, clip_lr=0.2)
+  spec = ClientDP(sum_noise=0.0, expected_clients=4.0,
+                  adaptive=AdaptiveClip(quantile=0.5, lr=0.2, count_noise=0.0,
+                                        expected_clients=4.0))
   tree = {"x": jnp.zeros(3)}
   key = jax.random.key(0)
-  _, up, st = aggregation.privatize_sum(key, tree, jnp.float32(0.0), jnp.float32(1.0), spec)
-  _, down, _ = aggregation.privatize_sum(key, tree, jnp.float32(4.0), jnp.float32(1.0), spec)
+  # 4 participants; shifted count sum(b_i - 1/2): all clipped = -2, none clipped = +2
+  _, up, st = spec.release(key, tree, jnp.float32(-2.0), jnp.float32(1.0))
+  _, down, _ = spec.release(key, tree, jnp.float32(2.0), jnp.float32(1.0))
   assert float(up) == pytest.approx(np.exp(0.2 * 0.5))  # all clipped: S grows
   assert float(down) == pytest.approx(np.exp(-0.2 * 0.5))  # none clipped: S shrinks
   assert float(st["unclipped_fraction"]) == 0.0
+
+
+def _released_count(take, count_noise=0.0, seed=0):
+  """The count the server releases (noised unclipped fraction * p K), from client updates."""
+  d = _deltas(k=6, scale=np.array([0.01, 0.02, 5, 5, 0.03, 5])[:, None, None])
+  spec = ClientDP(sum_noise=0.0, expected_clients=6.0,
+                  adaptive=AdaptiveClip(0.5, 0.2, count_noise, 6.0))
+  summed, shifted, _ = spec.clip(d, jnp.asarray(take), jnp.float32(1.0))
+  _, _, st = spec.release(jax.random.key(seed), summed, shifted, jnp.float32(1.0))
+  return float(st["unclipped_fraction"]) * 6.0
+
+
+def test_the_count_release_has_sensitivity_one_half():
+  """Bug: the raw count sum(b_i) (sensitivity 1) was noised while the plan assumed the shifted
+  sum(b_i - 1/2) (sensitivity 1/2). Adding or removing any one client must move the released
+  count by exactly 1/2, whether that client's update was clipped or not."""
+  full = np.ones(6, bool)
+  base = _released_count(full)
+  for c in range(6):
+    removed = full.copy()
+    removed[c] = False
+    assert abs(base - _released_count(removed)) == pytest.approx(0.5, abs=1e-6)
+
+
+def _gaussian_eps(multipliers, q, rounds, delta):
+  """eps of `rounds` rounds each releasing independent Gaussians with these multipliers on the
+  same Poisson(q) sample of clients, from first principles: a release of several Gaussians on
+  one sample is one Gaussian on the stacked vector, whose multiplier is
+  (sum_i m_i^-2)^-1/2 (RDP of Gaussians adds: alpha / 2m^2)."""
+  m = sum(x ** -2 for x in multipliers) ** -0.5
+  acc = rdp.RdpAccountant(accounting.RDP_ORDERS)
+  event = dp_accounting.GaussianDpEvent(m)
+  if q < 1:
+    event = dp_accounting.PoissonSampledDpEvent(q, event)
+  acc.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+  return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("q", [1.0, 0.1])
+def test_adaptive_split_composes_to_the_reported_epsilon(q):
+  """Andrew et al. Thm 1 from first principles: the sum release (std sigma_delta S, sensitivity
+  S) and the count release (std sigma_b, sensitivity measured from the mechanism) composed with
+  dp-accounting must give exactly the reported eps. K = 100, p = 0.1, 100 rounds, target 8 is the
+  issue's example (its true eps was ~37 with the unshifted count)."""
+  c = tiny_config.get_config(f"mode=client,clients=100,client_rate={q},rounds=100,"
+                             "client_eps=8,examples=400")
+  with c.unlocked():
+    c.dp.adaptive_clip_quantile = 0.5
+  cfg = config_lib.from_config_dict(c)
+  plan = plan_lib.make_plan(cfg)
+  mech, server = plan.get("client"), plan.server
+  full = np.ones(6, bool)
+  removed = full.copy()
+  removed[0] = False
+  count_sensitivity = abs(_released_count(full) - _released_count(removed))
+  got = _gaussian_eps([server.sum_noise, server.adaptive.count_noise / count_sensitivity], q,
+                      100, cfg.dp.client_delta)
+  assert mech.epsilon == pytest.approx(got, rel=1e-6)
+  assert 0.99 * 8.0 <= mech.epsilon <= 8.0
+  # the old mechanism's count (sensitivity 1) with the same noise would have spent far more
+  old = _gaussian_eps([server.sum_noise, server.adaptive.count_noise / 1.0], q, 100,
+                      cfg.dp.client_delta)
+  assert old > 1.5 * mech.epsilon
 
 
 def _cfg(**dp):
@@ -123,43 +194,49 @@ def _cfg(**dp):
   return DPConfig(**(fields | dp))
 
 
+def _client_plan(dp, num_clients, rate, rounds):
+  cfg = RunConfig(data=DataConfig(max_client_size=100), dp=dp,
+                  fed=FedConfig(num_clients=num_clients, client_rate=rate, rounds=rounds))
+  plan = plan_lib.make_plan(cfg)
+  return plan.get("client"), plan.server
+
+
 def test_client_epsilon_matches_dp_accounting_with_client_sampling_credited():
   q, sigma, rounds, delta = 0.3, 1.2, 20, 1e-3
-  mech, sum_noise, count_noise, expected = plan_lib._client(_cfg(), 10, q, rounds)
+  mech, server = _client_plan(_cfg(), 10, q, rounds)
   acc = rdp.RdpAccountant(accounting.RDP_ORDERS)
   acc.compose(dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), rounds))
   assert mech.epsilon == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
   assert mech.unit.startswith("one whole client")
-  assert (sum_noise, count_noise, expected) == (sigma, 0.0, 3.0)
+  assert (server.sum_noise, server.adaptive, server.expected_clients) == (sigma, None, 3.0)
   # sampling is credited: full participation costs more
-  assert plan_lib._client(_cfg(), 10, 1.0, rounds)[0].epsilon > mech.epsilon
+  assert _client_plan(_cfg(), 10, 1.0, rounds)[0].epsilon > mech.epsilon
   # calibration: the target is met
-  calibrated = plan_lib._client(_cfg(client_noise_multiplier=0.0, client_target_epsilon=3.0),
-                                10, q, rounds)[0]
+  calibrated = _client_plan(_cfg(client_noise_multiplier=0.0, client_target_epsilon=3.0),
+                            10, q, rounds)[0]
   assert 0.99 * 3.0 <= calibrated.epsilon <= 3.0
 
 
 def test_adaptive_plan_splits_the_noise_and_rejects_a_too_small_count_noise():
   dp = _cfg(adaptive_clip_quantile=0.5, adaptive_clip_count_noise=5.0)
-  mech, sum_noise, count_noise, _ = plan_lib._client(dp, 100, 1.0, 10)
-  assert count_noise == 5.0
+  mech, server = _client_plan(dp, 100, 1.0, 10)
+  assert server.adaptive.count_noise == 5.0
   # Andrew et al. Thm 1: (sum_noise^-2 + (2 count_noise)^-2)^-1/2 = sigma
-  assert (sum_noise ** -2 + (2 * count_noise) ** -2) ** -0.5 == pytest.approx(1.2)
+  assert (server.sum_noise ** -2 + (2 * 5.0) ** -2) ** -0.5 == pytest.approx(1.2)
   assert mech.noise_multiplier == 1.2
   with pytest.raises(ValueError, match="dp.adaptive_clip_count_noise=0.5 must exceed sigma/2"):
-    plan_lib._client(_cfg(adaptive_clip_quantile=0.5, adaptive_clip_count_noise=0.5), 100, 1.0,
-                     10)
+    _client_plan(_cfg(adaptive_clip_quantile=0.5, adaptive_clip_count_noise=0.5), 100, 1.0, 10)
 
 
 def test_sample_and_client_level_together_report_both_guarantees(tmp_path):
-  c = tiny_config.get_config("mode=sample+client,weighting=uniform,rounds=2,noise_seed=3")
+  c = tiny_config.get_config("mode=sample+client,weighting=uniform,rounds=2,dp_seed=3")
   with c.unlocked():
     c.dp.adaptive_clip_quantile = 0.5
     c.dp.adaptive_clip_count_noise = 1.0
     c.dp.client_noise_multiplier = 1.0
   cfg = config_lib.from_config_dict(c)
-  summary = train.run(cfg, str(tmp_path), progress=False)
+  summary = train.run(cfg, str(tmp_path), progress=False).summary
   mechs = {m["name"]: m for m in summary["privacy"]}
   assert set(mechs) == {"example", "client"}
   assert mechs["example"]["unit"].startswith("one example")
@@ -172,3 +249,6 @@ def test_sample_and_client_level_together_report_both_guarantees(tmp_path):
   assert lines[1]["client_clip_norm"] != pytest.approx(0.1)  # adaptive S moved
   text = train.format_summary(summary)
   assert "privacy [example]" in text and "privacy [client]" in text
+  # client-level: a client's presence is protected, so participation is only reported expected
+  assert all("participants" not in l and "bytes_up" not in l for l in lines)
+  assert summary["bytes_are_expected"]

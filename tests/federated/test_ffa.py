@@ -8,32 +8,41 @@ import pytest
 
 from configs import tiny as tiny_config
 from dplora_jax import config as config_lib, lora as lora_lib, train
-from dplora_jax.federated import aggregation, client as client_lib, round as round_lib
+from dplora_jax.dp.mechanisms import ClientDP
+from dplora_jax.federated import client as client_lib, round as round_lib
 from tests import tiny
 
 
 def _frozen_a(frozen):
-  """{path: A} of the frozen tree (FFA keeps A there)."""
+  """{path: host copy of A} of the frozen tree (FFA keeps A there)."""
   flat = jax.tree_util.tree_flatten_with_path(frozen)[0]
-  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat if "lora_a" in
+  return {jax.tree_util.keystr(p): np.array(x, copy=True) for p, x in flat if "lora_a" in
           jax.tree_util.keystr(p)}
 
 
 @pytest.mark.parametrize("mechanism,client_dp", [
     ("none", None), ("sample", None), ("paper", None),
-    ("sample", aggregation.ClientDP(sum_noise=1.0, expected_clients=4.0))])
+    ("sample", ClientDP(sum_noise=1.0, expected_clients=4.0))])
 def test_a_is_bitwise_unchanged_and_only_b_trains_in_every_mode(mechanism, client_dp):
   step, state, args, (graphdef, lora, frozen, spec) = tiny.round_setup(
       num_clients=4, mechanism=mechanism, freeze_a=True, client_dp=client_dp, client_clip=0.5,
       paper_noise_std=0.01, steps=1 if mechanism == "paper" else 2)
   assert set(jax.tree.leaves(lora_lib.factor_of(lora))) == {"b"}  # A never travels
-  a_before = _frozen_a(frozen)
-  assert a_before and all(np.abs(a).max() > 0 for a in a_before.values())
+  # the reference A comes from an independent rebuild of the same init, not from the inputs
+  a_init = _frozen_a(tiny.model_and_lora(freeze_a=True)[2])
+  assert a_init and all(np.abs(a).max() > 0 for a in a_init.values())
   for _ in range(3):
     state, _ = step(state, **args)
-  a_after = _frozen_a(args["frozen"])
-  for k in a_before:
-    np.testing.assert_array_equal(a_before[k], a_after[k])
+  # the round returns no A, and the frozen tree the clients used is still the initial A
+  assert set(jax.tree.leaves(lora_lib.factor_of(state.lora))) == {"b"}
+  a_used = _frozen_a(args["frozen"])
+  assert set(a_used) == set(a_init)
+  for k in a_init:
+    np.testing.assert_array_equal(a_init[k], a_used[k])
+  # and the model the released LoRA defines computes with that A: merge and read it back
+  merged = lora_lib.adapted_denses(lora_lib.merge(graphdef, state.lora, args["frozen"]))
+  for d in merged.values():
+    assert any(np.array_equal(np.asarray(d.lora_a[...]), a) for a in a_init.values())
   assert any(not np.array_equal(x, y) for x, y in zip(tiny.leaves(state.lora),
                                                       tiny.leaves(lora)))
 
@@ -84,10 +93,10 @@ def test_fedavg_of_both_factors_is_not_the_average_of_products():
 
 def test_ffa_upload_is_half_of_fedavg_and_a_is_sent_once(tmp_path):
   def run(agg):
-    c = tiny_config.get_config(f"agg={agg},rounds=2,noise_seed=0,mode=none")
+    c = tiny_config.get_config(f"agg={agg},rounds=2,dp_seed=0,mode=none")
     with c.unlocked():
       c.lora.targets = ("q", "o")  # square targets: |A| = |B|
-    return train.run(config_lib.from_config_dict(c), str(tmp_path / agg), progress=False)
+    return train.run(config_lib.from_config_dict(c), str(tmp_path / agg), progress=False).summary
 
   fedavg, ffa = run("fedavg"), run("ffa")
   assert ffa["bytes_up_total"] * 2 == fedavg["bytes_up_total"]

@@ -64,7 +64,7 @@ def test_honest_epsilon_exceeds_the_papers_per_iteration_claim():
     c.fed.local_steps = 1
     c.dp.delta = 1e-5
   cfg = config_lib.from_config_dict(c)
-  plan = plan_lib.make_plan(cfg, [100] * 4)
+  plan = plan_lib.make_plan(cfg)
   [m] = plan.mechanisms
   sigma = math.sqrt(2 * math.log(1.25 / 1e-5)) / 0.5
   assert m.details["paper_sigma"] == pytest.approx(sigma)  # 9.69 as PAPER.md lists for eps 0.5
@@ -80,23 +80,23 @@ def test_honest_epsilon_exceeds_the_papers_per_iteration_claim():
   # the sigma*C/B switch: noise std divided by B, honest multiplier sigma / (2B)
   with c.unlocked():
     c.dp.paper_noise = "sigma_c_over_b"
-  plan_b = plan_lib.make_plan(config_lib.from_config_dict(c), [100] * 4)
-  assert plan_b.paper_noise_std == pytest.approx(sigma * cfg.dp.clip_norm / cfg.data.batch_size)
+  plan_b = plan_lib.make_plan(config_lib.from_config_dict(c))
+  assert plan_b.paper.noise_std == pytest.approx(sigma * cfg.dp.clip_norm / cfg.data.batch_size)
   assert plan_b.mechanisms[0].epsilon > m.epsilon
   # FFA: B only, one release per round
   with c.unlocked():
     c.fed.aggregation = "ffa"
     c.dp.paper_noise = "sigma_c"
-  assert plan_lib.make_plan(config_lib.from_config_dict(c), [100] * 4).mechanisms[0] \
+  assert plan_lib.make_plan(config_lib.from_config_dict(c)).mechanisms[0] \
       .releases_per_round == 1
 
 
 def test_paper_mode_runs_end_to_end_with_both_reports(tmp_path):
-  c = tiny_config.get_config("mode=paper,weighting=uniform,rounds=2,noise_seed=0")
+  c = tiny_config.get_config("mode=paper,weighting=uniform,rounds=2,dp_seed=0")
   with c.unlocked():
     c.data.sampling = "shuffle"
     c.fed.local_steps = 1
-  summary = train.run(config_lib.from_config_dict(c), str(tmp_path), progress=False)
+  summary = train.run(config_lib.from_config_dict(c), str(tmp_path), progress=False).summary
   [m] = summary["privacy"]
   assert m["name"] == "paper" and m["epsilon_spent"] > m["details"]["paper_epsilon_per_iteration"]
   assert summary["max_batch"] == 8  # exactly B examples per step

@@ -1,9 +1,11 @@
 """Partitioning clients and host-side Poisson sampling with fixed shapes."""
 
+import jax
 import numpy as np
 import pytest
 
 from dplora_jax.dp import sampling
+from dplora_jax.dp.randomness import DPRandomness
 from dplora_jax.federated.partition import partition
 
 
@@ -34,8 +36,12 @@ def test_field_partition_and_errors():
     partition(np.repeat([0, 1], 3), 6, method="dirichlet", alpha=0.01, seed=0)
 
 
+def _rng(seed):
+  return np.random.default_rng(seed)
+
+
 def test_poisson_sampler_shapes_rate_and_padding_slots():
-  s = sampling.PoissonSampler([200, 100], expected_batch=10, max_batch=40, seed=0)
+  s = sampling.PoissonSampler([200, 100], [10 / 200, 10 / 100], max_batch=40, rng=_rng(0))
   idx, valid = s.sample(num_steps=300, num_slots=4)
   assert idx.shape == valid.shape == (4, 300, 40)
   assert not valid[2:].any()  # device padding slots
@@ -49,18 +55,24 @@ def test_poisson_sampler_shapes_rate_and_padding_slots():
 
 
 def test_over_full_sample_is_cut_and_counted():
-  s = sampling.PoissonSampler([100], expected_batch=50, max_batch=8, seed=0)
+  s = sampling.PoissonSampler([100], [0.5], max_batch=8, rng=_rng(0))
   _, valid = s.sample(num_steps=5, num_slots=1)
   assert (valid.sum(-1) == 8).all() and s.overflows == 5
 
 
-def test_sampler_state_round_trip():
-  a = sampling.PoissonSampler([50], 5, 16, seed=3)
+def test_host_state_round_trip_continues_every_secret_stream():
+  r = DPRandomness(-1)
+  a = sampling.PoissonSampler([50], [0.1], 16, rng=r.example_rng)
   a.sample(2, 1)
-  st = a.state()
-  b = sampling.PoissonSampler([50], 5, 16, seed=99)
-  b.restore(st)
+  r.client_rng.random(3)
+  st, sst = r.state(), a.state()
+  r2 = DPRandomness.from_state(st)
+  b = sampling.PoissonSampler([50], [0.1], 16, rng=r2.example_rng)
+  b.restore(sst)
   np.testing.assert_array_equal(a.sample(3, 1)[0], b.sample(3, 1)[0])
+  np.testing.assert_array_equal(r.client_rng.random(5), r2.client_rng.random(5))
+  np.testing.assert_array_equal(jax.random.key_data(r.noise_key),
+                                jax.random.key_data(r2.noise_key))
 
 
 def test_choose_max_batch_meets_budget():

@@ -12,10 +12,10 @@ from tests import tiny
 
 
 def _setup(num_clients=8, n=6, steps=1, bmax=4, private=True, sigma=1.0, clip=0.1, lr=0.5,
-           devices=1, weights=None):
+           devices=1, weights=None, diagnostics=False):
   graphdef, lora, frozen = tiny.model_and_lora()
-  spec = client_lib.ClientSpec(mechanism="sample" if private else "none", clip_norm=clip, noise_multiplier=sigma,
-                               expected_batch=3, microbatch=2, local_steps=steps)
+  spec = tiny.client_spec("sample" if private else "none", clip=clip, sigma=sigma, divisor=3,
+                          microbatch=2, steps=steps, diagnostics=diagnostics)
   mesh = round_lib.make_mesh(devices)
   server_tx = round_lib.make_server_optimizer("fedavg", 1.0)
   step = round_lib.make_round_step(graphdef, spec, optax.sgd(lr), server_tx, mesh)
@@ -39,13 +39,14 @@ def _leaves(t):
 
 def test_one_device_equals_eight_devices():
   assert jax.device_count() >= 8
-  step1, state1, args1, _ = _setup(devices=1, steps=2)
-  step8, state8, args8, _ = _setup(devices=8, steps=2)
+  step1, state1, args1, _ = _setup(devices=1, steps=2, diagnostics=True)
+  step8, state8, args8, _ = _setup(devices=8, steps=2, diagnostics=True)
   out1, m1 = step1(state1, **args1)
   out8, m8 = step8(state8, **args8)
   for a, b in zip(_leaves(out1.lora), _leaves(out8.lora)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
-  assert float(m1["loss"]) == pytest.approx(float(m8["loss"]), abs=1e-6)
+  d1, d8 = m1["diagnostics"], m8["diagnostics"]
+  assert float(d1["loss"]) == pytest.approx(float(d8["loss"]), abs=1e-6)
 
 
 def test_compiled_once_and_one_program():
@@ -77,7 +78,7 @@ def test_padded_clients_contribute_exactly_zero():
   out2, m2 = step2(state2, **args2)
   for a, b in zip(_leaves(out.lora), _leaves(out2.lora)):
     np.testing.assert_array_equal(a, b)
-  assert float(m["participants"]) == 5
+  assert float(m["public"]["participants"]) == 5
 
 
 def test_hand_computed_two_client_non_private_round():

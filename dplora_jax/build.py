@@ -1,0 +1,224 @@
+"""Everything a run needs before training, built from a RunConfig: model, data, clients, plan.
+
+Shared by the run loop (`train`), export, the audit and `launch.privacy`. All checks happen here,
+before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from dplora_jax import lora as lora_lib
+from dplora_jax.config import RunConfig
+from dplora_jax.data import classification as data_lib
+from dplora_jax.dp import plan as plan_lib, sampling
+from dplora_jax.dp.ledger import Ledger
+from dplora_jax.federated import partition as partition_lib
+from dplora_jax.metrics import tree_bytes
+from dplora_jax.models import ModelConfig, build_model, load_model, load_tokenizer
+
+# The config seed's children: model init only (DP randomness never comes from the config seed:
+# see `dp.randomness`).
+KEY_INIT = 0
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built before training (no compilation yet).
+
+  `clients` and their sizes are private: they feed the samplers and nothing that is released.
+  """
+  cfg: RunConfig
+  graphdef: Any
+  lora: Any
+  frozen: Any
+  tokenizer: Any
+  clients: list  # per-client Examples
+  eval_examples: Any
+  answers: list
+  plan: plan_lib.PrivacyPlan
+  max_batch: int
+  rates: list  # per-client Poisson rates (the plan's public q in DP modes)
+  full_model_bytes: int
+  factor_bytes: dict  # {"a": bytes of all A, "b": bytes of all B}
+  model_path: str = ""
+  fingerprint: str = ""  # of the base weights (checkpoints reference it)
+
+
+def load_base(cfg: RunConfig):
+  """(model, tokenizer, fingerprint, path) of the run's base model (no LoRA)."""
+  m = cfg.model
+  if m.random_init:
+    tok = load_tokenizer(m.tokenizer or m.path)
+    arch = ModelConfig(family="llama", vocab_size=len(tok), hidden_size=m.hidden_size,
+                       num_layers=m.num_layers, num_heads=m.num_heads,
+                       num_kv_heads=m.num_kv_heads, head_dim=m.hidden_size // m.num_heads,
+                       intermediate_size=m.intermediate_size, tie_embeddings=True,
+                       dtype=m.dtype, param_dtype=m.param_dtype)
+    ident = hashlib.sha256(repr((arch, cfg.seed)).encode()).hexdigest()
+    return build_model(arch, seed=cfg.seed), tok, "random:" + ident, "<random init>"
+  loaded = load_model(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
+  return loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.path
+
+
+def load_run_tokenizer(cfg: RunConfig):
+  """The tokenizer `cfg`'s run will use (without loading the model weights)."""
+  m = cfg.model
+  return load_tokenizer(m.tokenizer or m.path if m.random_init else m.path)
+
+
+def _data_path(p: str, default: str) -> str:
+  p = p or default
+  return p if os.path.isabs(p) or os.path.exists(p) else data_lib.packaged(p)
+
+
+def records(cfg: RunConfig):
+  """Reads train and eval records and partitions the train records into clients."""
+  d = cfg.data
+  train_records = data_lib.read_records(_data_path(d.train_file, "tfns/train.jsonl"))
+  eval_records = data_lib.read_records(_data_path(d.eval_file, "tfns/validation.jsonl"))
+  rng = np.random.default_rng(cfg.seed)
+  if d.max_train_examples and len(train_records) > d.max_train_examples:
+    keep = np.sort(rng.choice(len(train_records), d.max_train_examples, replace=False))
+    train_records = [train_records[i] for i in keep]
+  if d.eval_examples and len(eval_records) > d.eval_examples:
+    keep = np.sort(np.random.default_rng(1234).choice(len(eval_records), d.eval_examples,
+                                                      replace=False))  # fixed eval subset
+    eval_records = [eval_records[i] for i in keep]
+  labels = np.asarray([data_lib.label_id(r.get("label", 0), d.labels, "train data", i)
+                       for i, r in enumerate(train_records)], np.int64)
+  field_values = ([r.get(cfg.fed.partition_field) for r in train_records]
+                  if cfg.fed.partition == "field" else None)
+  parts = partition_lib.partition(labels, cfg.fed.num_clients, method=cfg.fed.partition,
+                                  alpha=cfg.fed.dirichlet_alpha, field_values=field_values,
+                                  seed=cfg.seed)
+  return train_records, eval_records, parts
+
+
+def effective_lora(cfg: RunConfig):
+  """The LoRA config actually built: FFA freezes A."""
+  if cfg.fed.aggregation == "ffa" and not cfg.lora.freeze_a:
+    return dataclasses.replace(cfg.lora, freeze_a=True)
+  return cfg.lora
+
+
+def prior_ledger(cfg: RunConfig) -> Ledger | None:
+  """The privacy ledger of the starting adapter that this run must compose, or None.
+
+  None when there is no `lora.init_from`, or it is declared public (`lora.init_from_public`).
+
+  Raises:
+    ValueError: the adapter carries no ledger and is not declared public.
+  """
+  lc = cfg.lora
+  if not lc.init_from or lc.init_from_public:
+    return None
+  from dplora_jax import peft
+  d = peft.read_ledger(lc.init_from)
+  if d is None:
+    raise ValueError(f"lora.init_from={lc.init_from!r} carries no dplora_jax privacy ledger, so "
+                     "what it already spent on the private data is unknown; set "
+                     "lora.init_from_public=True if it was trained without this run's private "
+                     "data (the report says so).")
+  return Ledger.from_dict(d)
+
+
+def privacy_plan(cfg: RunConfig) -> plan_lib.PrivacyPlan:
+  """The run's privacy plan, from public values only (the config and a starting adapter's
+  ledger): no data is read."""
+  return plan_lib.make_plan(cfg, prior_ledger(cfg))
+
+
+def check_client_sizes(cfg: RunConfig, sizes: list[int]):
+  """Refuses clients larger than the public bound (before training; nothing is released).
+
+  Raises:
+    ValueError: naming data.max_client_size.
+  """
+  bound = cfg.data.max_client_size
+  if bound and max(sizes) > bound:
+    over = sum(n > bound for n in sizes)
+    raise ValueError(f"data.max_client_size={bound} is below the size of {over} client(s) "
+                     f"(the largest holds {max(sizes)} examples): the guarantee assumes the "
+                     "public bound holds; raise it, or give such clients fewer examples.")
+  if cfg.dp.mode == "paper" and cfg.data.batch_size > min(sizes):
+    raise ValueError(f"data.batch_size={cfg.data.batch_size} exceeds the smallest client's "
+                     "data (dp.mode='paper' takes exactly B examples per step).")
+
+
+def sampling_shape(cfg: RunConfig, plan: plan_lib.PrivacyPlan,
+                   sizes: list[int]) -> tuple[int, list[float]]:
+  """(physical batch, per-client Poisson rates).
+
+  DP modes take both from public values (the plan, data.max_client_size); `none` without a bound
+  falls back to the sizes (nothing is claimed there).
+  """
+  d, mb = cfg.data, cfg.optim.microbatch_size
+  bound = d.max_client_size
+  rates = ([d.batch_size / bound] * len(sizes) if bound
+           else [min(1.0, d.batch_size / n) for n in sizes])
+  if plan.max_batch:
+    return plan.max_batch, rates
+  if d.sampling == "poisson":  # no example-level privacy: only keep over-full samples rare
+    ns = [bound] if bound else sizes
+    return max(sampling.choose_max_batch(n, min(1.0, d.batch_size / n), 1, 0.0, 1e-9, mb)
+               for n in ns), rates
+  return int(math.ceil(d.batch_size / mb) * mb), rates
+
+
+def attach_lora(model, cfg: RunConfig):
+  """Attaches the run's initial LoRA: from `lora.init_from` (a PEFT adapter) or random from the
+  run's init key. Deterministic, so FFA's frozen A is rebuilt identically when exporting."""
+  lora_cfg = effective_lora(cfg)
+  if lora_cfg.init_from:
+    from dplora_jax import peft
+    peft.load_adapter(model, lora_cfg.init_from, expect=lora_cfg)
+  else:
+    lora_lib.add_lora(model, lora_cfg, jax.random.fold_in(jax.random.key(cfg.seed), KEY_INIT))
+
+
+def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
+  """Loads model and data, partitions clients and fixes the privacy plan (all checks first).
+
+  Args:
+    extra_train: optional per-client `Examples` appended to each client's data (audit canaries);
+      they count towards client sizes (which must stay within data.max_client_size).
+  """
+  d = cfg.data
+  plan = privacy_plan(cfg)
+  train_records, eval_records, parts = records(cfg)
+  extra_n = [len(e) for e in extra_train] if extra_train else [0] * len(parts)
+  sizes = [len(p) + extra_n[i] for i, p in enumerate(parts)]
+  check_client_sizes(cfg, sizes)
+  max_batch, rates = sampling_shape(cfg, plan, sizes)
+
+  model, tok, fingerprint, model_path = load_base(cfg)
+  arch = model.config
+  if d.max_length > arch.max_position_embeddings:
+    raise ValueError(f"data.max_length={d.max_length} exceeds the model's "
+                     f"max_position_embeddings={arch.max_position_embeddings} ({model_path}); "
+                     "lower data.max_length.")
+  if len(tok) > arch.vocab_size:
+    raise ValueError(f"tokenizer mismatch: the tokenizer of {cfg.model.tokenizer or model_path} "
+                     f"has {len(tok)} tokens but the model embeds only {arch.vocab_size}; use the "
+                     "model's own tokenizer (model.tokenizer).")
+  full_model_bytes = tree_bytes(jax.tree.leaves(model))
+  attach_lora(model, cfg)
+  factor_bytes = lora_lib.factor_bytes(model)
+  graphdef, lora, frozen = lora_lib.split(model)
+  kw = dict(labels=d.labels, prompt=d.prompt, max_length=d.max_length)
+  train = data_lib.build_examples(train_records, tok, source="train data", **kw)
+  evals = data_lib.build_examples(eval_records, tok, source="eval data", **kw)
+  clients = [train.subset(p) for p in parts]
+  if extra_train:
+    clients = [data_lib.concat([c, e]) for c, e in zip(clients, extra_train)]
+  answers = data_lib.label_token_ids(tok, d.labels)
+  return Setup(cfg, graphdef, lora, frozen, tok, clients, evals, answers, plan, max_batch, rates,
+               full_model_bytes, factor_bytes, model_path, fingerprint)
