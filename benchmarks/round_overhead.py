@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from dplora_jax import lora as lora_lib
+from dplora_jax.dp.mechanisms import DPSGD
 from dplora_jax.federated import client as client_lib, round as round_lib
 from dplora_jax.models import load_model
 
@@ -81,9 +82,8 @@ def main():
     updates, _ = tx.update(g, tx.init(lora), lora)
     return optax.apply_updates(lora, updates)
 
-  spec = client_lib.ClientSpec(mechanism="sample", clip_norm=1.0, noise_multiplier=1.0,
-                               expected_batch=b, microbatch=min(args.microbatch, b),
-                               local_steps=1)
+  spec = client_lib.ClientSpec(microbatch=min(args.microbatch, b), local_steps=1,
+                               dpsgd=DPSGD(clip_norm=1.0, noise_multiplier=1.0, divisor=float(b)))
 
   def dp_step(lora, frozen, batch, key):
     g, _ = client_lib.privatized_gradient(graphdef, spec, lora, frozen, batch, valid, key)

@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     if args.json:
       print(json.dumps({"config": args.config, "mode": cfg.dp.mode, **plan.to_dict()}))
       return 0
-    print(f"privacy plan of {args.config} (dp.mode = {cfg.dp.mode!r})")
+    print(f"privacy plan of {args.config} (dp.mode = {cfg.dp.mode!r}); from public values only: "
+          f"{', '.join(f'{k} = {v}' for k, v in plan.public.items())}")
     if not plan.mechanisms:
       print("no privacy mechanism (dp.mode = 'none'): eps = inf")
       print("inf")

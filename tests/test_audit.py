@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from dplora_jax import audit
+from configs import audit as audit_config
+from dplora_jax import audit, config as config_lib
 from launch import audit as audit_cli
 
 
@@ -72,3 +73,20 @@ def test_audit_with_dp_stays_below_the_claimed_epsilon(audits):
   a = audits["dp"]
   assert a["epsilon_claimed"] <= 1.0 + 1e-9
   assert a["epsilon_lower_bound"] <= a["epsilon_claimed"]
+
+
+def test_audit_compares_with_the_claim_that_covers_one_example(tmp_path):
+  """A canary is one example: the client-level (whole client, add/remove) eps does not cover it,
+  so dp.mode='client' is refused before any training; sample+client uses the example claim."""
+  cfg = config_lib.from_config_dict(audit_config.get_config("mode=client"))
+  with pytest.raises(ValueError, match="no claim of this run covers it"):
+    audit.run_audit(cfg, str(tmp_path), canaries=10)
+  assert not os.listdir(tmp_path)
+  for mode, claim in (("sample", "example"), ("sample+client", "example"), ("paper", "paper"),
+                      ("none", None)):
+    c = audit_config.get_config(f"mode={mode}")
+    if mode == "paper":
+      with c.unlocked():
+        c.data.sampling, c.fed.local_steps = "shuffle", 1
+        c.optim.optimizer = "sgd"
+    assert audit.covering_claim(config_lib.from_config_dict(c)) == claim

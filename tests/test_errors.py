@@ -3,7 +3,7 @@
 import pytest
 
 from configs import tiny
-from dplora_jax import build, config as config_lib, train
+from dplora_jax import build, config as config_lib
 from tests import hf_fixtures
 
 

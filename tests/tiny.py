@@ -56,7 +56,7 @@ def round_setup(num_clients=8, n=6, steps=1, bmax=4, mechanism="sample", sigma=1
                 paper_noise_std=0.0, seed=0, diagnostics=False):
   """A compiled round on the tiny model with random samples: (step, state, args, extras)."""
   import optax
-  from dplora_jax.federated import client as client_lib, round as round_lib
+  from dplora_jax.federated import round as round_lib
   graphdef, lora, frozen = model_and_lora(freeze_a=freeze_a)
   spec = client_spec(mechanism, clip=clip, sigma=sigma, divisor=3, microbatch=2, steps=steps,
                      paper_noise_std=paper_noise_std, diagnostics=diagnostics)

@@ -15,9 +15,6 @@ import numpy as np
 
 from dplora_jax.models.tokenizer import encode
 
-PACKAGED_TFNS = os.path.join(os.path.dirname(__file__), "tfns")
-
-
 def packaged(name: str) -> str:
   """Path of a file shipped with the package, e.g. 'tfns/train.jsonl'."""
   return os.path.join(os.path.dirname(__file__), name)
@@ -62,7 +59,6 @@ class Examples:
     labels: [N] int32 label ids.
     prompt_len: [N] int32, tokens before the label (the label's first token is predicted at
       position prompt_len - 1).
-    fields: the raw records (for partitioning by a field).
   """
   tokens: np.ndarray
   mask: np.ndarray
@@ -70,7 +66,6 @@ class Examples:
   loss_mask: np.ndarray
   labels: np.ndarray
   prompt_len: np.ndarray
-  fields: list
 
   def __len__(self):
     return len(self.labels)
@@ -78,14 +73,14 @@ class Examples:
   def subset(self, idx) -> "Examples":
     idx = np.asarray(idx)
     return Examples(self.tokens[idx], self.mask[idx], self.targets[idx], self.loss_mask[idx],
-                    self.labels[idx], self.prompt_len[idx], [self.fields[i] for i in idx])
+                    self.labels[idx], self.prompt_len[idx])
 
 
 def concat(parts: list[Examples]) -> Examples:
   """Rows of several Examples (same max_length) in order."""
   cat = lambda f: np.concatenate([getattr(p, f) for p in parts])
   return Examples(cat("tokens"), cat("mask"), cat("targets"), cat("loss_mask"), cat("labels"),
-                  cat("prompt_len"), [r for p in parts for r in p.fields])
+                  cat("prompt_len"))
 
 
 def label_id(value, labels: tuple[str, ...], source: str, i: int) -> int:
@@ -151,4 +146,4 @@ def build_examples(records: list[dict], tokenizer, *, labels: tuple[str, ...], p
     label_ids[i] = lab
     prompt_len[i] = len(p)
   targets = np.concatenate([tokens[:, 1:], np.full((n, 1), pad, np.int32)], axis=1)
-  return Examples(tokens, mask, targets, loss_mask, label_ids, prompt_len, list(records))
+  return Examples(tokens, mask, targets, loss_mask, label_ids, prompt_len)

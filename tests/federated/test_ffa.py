@@ -9,7 +9,7 @@ import pytest
 from configs import tiny as tiny_config
 from dplora_jax import config as config_lib, lora as lora_lib, train
 from dplora_jax.dp.mechanisms import ClientDP
-from dplora_jax.federated import client as client_lib, round as round_lib
+from dplora_jax.federated import client as client_lib
 from tests import tiny
 
 

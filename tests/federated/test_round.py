@@ -124,15 +124,24 @@ def test_one_client_equals_centralized_sgd():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+_NOISE_SETUPS = {}
+
+
 def _noise_only_delta(client, rnd, steps=1):
-  """The global update when only `client` has weight and no example is sampled: pure noise."""
+  """The global update when only `client` has weight and no example is sampled: pure noise.
+
+  One compiled round per `steps`; the client's weight and the round are inputs."""
+  if steps not in _NOISE_SETUPS:
+    _NOISE_SETUPS[steps] = _setup(num_clients=4, weights=np.zeros(4), lr=1.0, steps=steps,
+                                  sigma=1.0, clip=0.1)
+  step, state, args, (_, lora, _, spec) = _NOISE_SETUPS[steps]
+  mesh = round_lib.make_mesh(1)
   w = np.zeros(4, np.float32)
   w[client] = 1.0
-  step, state, args, (_, lora, _, spec) = _setup(num_clients=4, weights=w, lr=1.0, steps=steps,
-                                                 sigma=1.0, clip=0.1)
-  args["valid"] = round_lib.shard_clients(round_lib.make_mesh(1),
-                                          np.zeros((4, steps, 4), bool))
-  state = state._replace(round=jnp.int32(rnd))
+  args = dict(args, weights=round_lib.shard_clients(mesh, w),
+              valid=round_lib.shard_clients(mesh, np.zeros((4, steps, 4), bool)))
+  state = round_lib.replicate(mesh, round_lib.init_state(lora, round_lib.make_server_optimizer(
+      "fedavg", 1.0)))._replace(round=jnp.int32(rnd))
   out, _ = step(state, **args)
   return np.concatenate([np.ravel(a - b) for a, b in zip(_leaves(out.lora), _leaves(lora))])
 
