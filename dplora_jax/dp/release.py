@@ -1,12 +1,14 @@
 """What each party releases, per dp.mode: the definition every default output obeys.
 
-| dp.mode | client -> server | server -> clients, and the final adapter |
-|---|---|---|
-| sample | its update: post-processing of its DP-SGD releases (example-level eps) | the average of released updates (post-processing) |
-| client | its raw update (the server is trusted to clip and noise) | the noised clipped sum / (p K), S and the noised unclipped fraction (client-level eps) |
-| sample+client | its DP-SGD update | the server's noised aggregate (both eps) |
-| paper | its update: post-processing of its group releases (honest paper eps) | the average |
-| none | its raw update | the average (no guarantee) |
+- sample: a client sends its update, post-processing of its DP-SGD releases (example-level
+  eps); the server returns, and the final adapter is, the average of those updates.
+- client: a client sends its raw update (the server is trusted to clip and noise); the server
+  releases the noised clipped sum / (p K), S and the noised unclipped fraction (client-level eps).
+- sample+client: a client sends its DP-SGD update; the server releases its noised aggregate
+  (both eps).
+- paper: a client sends its update after the paper's group releases (honest paper eps); the
+  server returns the average.
+- none: raw updates and their average (no guarantee).
 
 Nothing else computed from private data leaves a client or reaches metrics.jsonl, TensorBoard,
 the progress bar or summary.json by default: not the training loss, clip counts, update norms,
@@ -27,8 +29,9 @@ from __future__ import annotations
 import math
 
 # Keys a default metrics.jsonl line may hold.
-PUBLIC_KEYS = ("round", "epsilon", "participants", "bytes_up", "bytes_down", "client_clip_norm",
-               "unclipped_fraction")
+PUBLIC_KEYS = ("round", "epsilon", "participants", "bytes_up", "bytes_down",
+               "expected_bytes_up", "expected_bytes_down", "client_clip_norm",
+               "unclipped_fraction")  # plus epsilon_<mechanism>
 DIAGNOSTIC_PREFIX = "private_"  # every diagnostic key carries it, so no reader mistakes one
 
 
