@@ -92,7 +92,7 @@ def scores(graphdef, lora, frozen, canaries: Canaries, batch_size: int = 16) -> 
     rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])  # fixed shape
     sub = ex.subset(rows)
     lp = eval_lib.sequence_logprob(graphdef, lora, frozen, sub.tokens, sub.mask, sub.targets,
-                                   sub.loss_mask)
+                                   sub.loss_mask, positions=1)  # one-token answers
     out.append(np.asarray(lp)[:min(batch_size, len(ex) - s)])
   return np.concatenate(out)
 

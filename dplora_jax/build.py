@@ -46,6 +46,7 @@ class Setup:
   plan: plan_lib.PrivacyPlan
   max_batch: int
   rates: list  # per-client Poisson rates (the plan's public q in DP modes)
+  loss_positions: int  # P: the longest answer in tokens (the loss's head runs at P positions)
   full_model_bytes: int
   factor_bytes: dict  # {"a": bytes of all A, "b": bytes of all B}
   model_path: str = ""
@@ -220,5 +221,11 @@ def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
   if extra_train:
     clients = [data_lib.concat([c, e]) for c, e in zip(clients, extra_train)]
   answers = data_lib.label_token_ids(tok, d.labels)
+  # P comes from the public label words; every training example's answer must fit in it
+  loss_positions = max(len(a) for a in answers)
+  longest = max(int(c.loss_mask.sum(1).max()) for c in clients if len(c))
+  if longest > loss_positions:
+    raise ValueError(f"an example has {longest} answer tokens but the longest label "
+                     f"({max(d.labels, key=len)!r}) has {loss_positions}; check data.labels.")
   return Setup(cfg, graphdef, lora, frozen, tok, clients, evals, answers, plan, max_batch, rates,
-               full_model_bytes, factor_bytes, model_path, fingerprint)
+               loss_positions, full_model_bytes, factor_bytes, model_path, fingerprint)

@@ -146,9 +146,11 @@ def merge(graphdef, lora: PyTree, frozen: PyTree) -> nnx.Module:
 
 
 def apply(graphdef, lora: PyTree, frozen: PyTree, tokens: jax.Array,
-          mask: jax.Array | None = None) -> jax.Array:
-  """Pure forward: logits [B, T, V] float32 of tokens [B, T] with the given LoRA."""
-  return nnx.merge(graphdef, lora, frozen)(tokens, mask)
+          mask: jax.Array | None = None, logits_at: jax.Array | None = None) -> jax.Array:
+  """Pure forward: logits [B, T, V] float32 of tokens [B, T] with the given LoRA, or only at
+  the positions `logits_at` [B, P] int32 ([B, P, V]: the head and any softmax after it then
+  cost P / T of the full computation)."""
+  return nnx.merge(graphdef, lora, frozen)(tokens, mask, logits_at=logits_at)
 
 
 def count_params(lora: PyTree) -> int:

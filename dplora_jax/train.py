@@ -121,7 +121,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   n_dev = mesh.devices.size
   slots = int(math.ceil(k / n_dev) * n_dev)
   plan = s.plan
-  spec = client_lib.ClientSpec.from_plan(plan, cfg)
+  spec = client_lib.ClientSpec.from_plan(plan, cfg, s.loss_positions)
   client_tx = client_lib.make_client_optimizer(cfg.optim.optimizer, cfg.optim.learning_rate,
                                                cfg.optim.weight_decay)
   server_tx = round_lib.make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)

@@ -88,6 +88,11 @@ def test_workdir_export_and_init_from_round_trip(tmp_path):
   readme = open(os.path.join(out, "README.md")).read()
   assert f"eps = {result.summary['epsilon']:.4f}" in readme
   assert "one example of one client" in readme
+  # the export holds the final LoRA and its ledger only: nothing of what strips the noise
+  assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json",
+                                     "adapter_model.safetensors", "dplora_privacy.json"]
+  assert peft.read_ledger(out) == json.load(open(os.path.join(out, peft.LEDGER_FILE)))
+  assert "root" not in json.dumps(peft.read_ledger(out))
   # the exported adapter, loaded on the same base, reproduces the trained model
   model = build.load_base(cfg)[0]
   peft.load_adapter(model, out)

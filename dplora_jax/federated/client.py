@@ -10,13 +10,14 @@ of the private batch (loss, clip counts, norms, example counts) are computed onl
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from dplora_jax import lora as lora_lib
+from dplora_jax import lora as lora_lib, losses
 from dplora_jax.dp import clipping
 from dplora_jax.dp.mechanisms import DPSGD, PaperGroups
 
@@ -24,17 +25,24 @@ PyTree = Any
 
 
 def example_loss(graphdef, lora: PyTree, frozen: PyTree, tokens: jax.Array, mask: jax.Array,
-                 targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
+                 targets: jax.Array, loss_mask: jax.Array, *, positions: int = 0) -> jax.Array:
   """Causal-LM loss of one example, averaged over its response (label) tokens.
 
   Args:
     tokens, mask, targets, loss_mask: [T] arrays of one example.
+    positions: P > 0 computes the head and the softmax only at the first P loss positions (every
+      example must have at most P answer tokens); 0 computes them at all T positions.
   """
-  logits = lora_lib.apply(graphdef, lora, frozen, tokens[None], mask[None])[0]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
-  w = loss_mask.astype(jnp.float32)
-  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+  if positions:
+    pos, valid = losses.answer_positions(loss_mask, positions)
+    logits = lora_lib.apply(graphdef, lora, frozen, tokens[None], mask[None], pos[None])[0]
+    nll = -losses.masked_token_logprob(logits, targets[pos])
+    w = valid.astype(jnp.float32)
+  else:
+    logits = lora_lib.apply(graphdef, lora, frozen, tokens[None], mask[None])[0]
+    nll = -losses.masked_token_logprob(logits, targets)
+    w = loss_mask.astype(jnp.float32)
+  return jnp.sum(jnp.where(w > 0, nll, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +56,15 @@ class ClientSpec:
     paper: the paper's group release (the plan's spec), or None. At most one of the two; with
       neither the client takes plain mean-gradient steps (no privacy).
     diagnostics: also compute unnoised statistics of the private batch (never by default).
+    loss_positions: P > 0: the loss's head and softmax run at P answer positions only (the
+      longest answer); 0: at every position.
   """
   microbatch: int
   local_steps: int
   dpsgd: DPSGD | None = None
   paper: PaperGroups | None = None
   diagnostics: bool = False
+  loss_positions: int = 0
 
   def __post_init__(self):
     if self.dpsgd is not None and self.paper is not None:
@@ -64,10 +75,11 @@ class ClientSpec:
     return "sample" if self.dpsgd else ("paper" if self.paper else "none")
 
   @classmethod
-  def from_plan(cls, plan, cfg) -> "ClientSpec":
+  def from_plan(cls, plan, cfg, loss_positions: int = 0) -> "ClientSpec":
     """The client step of `cfg` with the mechanism its privacy plan built."""
     return cls(microbatch=cfg.optim.microbatch_size, local_steps=cfg.fed.local_steps,
-               dpsgd=plan.dpsgd, paper=plan.paper, diagnostics=cfg.private_diagnostics)
+               dpsgd=plan.dpsgd, paper=plan.paper, diagnostics=cfg.private_diagnostics,
+               loss_positions=loss_positions)
 
 
 def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
@@ -85,7 +97,8 @@ def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
   Formal guarantee (DP-SGD): the sum changes by at most C in L2 norm when one valid example is
   added or removed (see `clipping.clip_and_sum`); padded rows contribute exactly zero.
   """
-  grad_fn = jax.vmap(jax.value_and_grad(example_loss, argnums=1),
+  loss_fn = functools.partial(example_loss, positions=spec.loss_positions)
+  grad_fn = jax.vmap(jax.value_and_grad(loss_fn, argnums=1),
                      in_axes=(None, None, None, 0, 0, 0, 0))
   mb = spec.microbatch
   # Microbatches after the last valid row hold only padding: a while loop skips them (the sampler

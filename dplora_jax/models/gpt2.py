@@ -90,7 +90,8 @@ class GPT2(nnx.Module):
 
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, *,
                positions: jax.Array | None = None, cache: dict | None = None,
-               cache_mask: jax.Array | None = None, cache_index: jax.Array | int = 0):
+               cache_mask: jax.Array | None = None, cache_index: jax.Array | int = 0,
+               logits_at: jax.Array | None = None):
     b, t = tokens.shape
     if mask is None:
       mask = jnp.ones((b, t), bool)
@@ -104,5 +105,7 @@ class GPT2(nnx.Module):
       return block(x, key_mask, query_index, layer_cache)
 
     x, new_cache = layers.scan_blocks(self.layers, x, cache, layer)
+    if logits_at is not None:  # only these positions reach the head (and the softmax after it)
+      x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     logits = self.wte.attend(self.ln_f(x)).astype(jnp.float32)
     return logits if cache is None else (logits, new_cache)

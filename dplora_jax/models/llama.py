@@ -104,7 +104,8 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, *,
                positions: jax.Array | None = None, cache: dict | None = None,
-               cache_mask: jax.Array | None = None, cache_index: jax.Array | int = 0):
+               cache_mask: jax.Array | None = None, cache_index: jax.Array | int = 0,
+               logits_at: jax.Array | None = None):
     cfg = self.config
     b, t = tokens.shape
     if mask is None:
@@ -119,6 +120,8 @@ class Llama(nnx.Module):
       return block(x, positions, inv_freq, key_mask, query_index, layer_cache)
 
     x, new_cache = layers.scan_blocks(self.layers, self.embed(tokens), cache, layer)
+    if logits_at is not None:  # only these positions reach the head (and the softmax after it)
+      x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = self.norm(x)
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
     logits = logits.astype(jnp.float32)

@@ -8,21 +8,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dplora_jax import lora as lora_lib
+from dplora_jax import lora as lora_lib, losses
 from dplora_jax.data.classification import Examples
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _label_logprobs_single(graphdef, lora, frozen, tokens, mask, prompt_len, label_tokens):
-  logits = lora_lib.apply(graphdef, lora, frozen, tokens, mask)
-  last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+  # the head runs at the last prompt position only
+  last = lora_lib.apply(graphdef, lora, frozen, tokens, mask, (prompt_len - 1)[:, None])[:, 0]
   return jax.nn.log_softmax(last, axis=-1)[:, label_tokens]  # [B, num_labels]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def sequence_logprob(graphdef, lora, frozen, tokens, mask, targets, loss_mask):
-  logits = lora_lib.apply(graphdef, lora, frozen, tokens, mask)
-  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+@functools.partial(jax.jit, static_argnames=("graphdef", "positions"))
+def sequence_logprob(graphdef, lora, frozen, tokens, mask, targets, loss_mask, positions=0):
+  """[B] sum of log p(target) over loss positions; `positions` = P > 0 runs the head at the
+  first P loss positions of each row only (rows must have at most P), 0 at all positions."""
+  if positions:
+    pos, valid = losses.answer_positions(loss_mask, positions)
+    logits = lora_lib.apply(graphdef, lora, frozen, tokens, mask, pos)
+    logp = losses.masked_token_logprob(logits, jnp.take_along_axis(targets, pos, axis=1))
+    return jnp.sum(jnp.where(valid, logp, 0.0), axis=-1)
+  logp = losses.masked_token_logprob(lora_lib.apply(graphdef, lora, frozen, tokens, mask), targets)
   return jnp.sum(jnp.where(loss_mask, logp, 0.0), axis=-1)
 
 
@@ -55,8 +61,8 @@ def label_scores(graphdef, lora, frozen, ex: Examples, answers: list[np.ndarray]
       scores = _label_logprobs_single(graphdef, lora, frozen, sub.tokens, sub.mask,
                                       sub.prompt_len, lt)
     else:
-      scores = jnp.stack([sequence_logprob(graphdef, lora, frozen, *_with_answer(sub, a, pad))
-                          for a in answers], axis=1)
+      scores = jnp.stack([sequence_logprob(graphdef, lora, frozen, *_with_answer(sub, a, pad),
+                                           positions=len(a)) for a in answers], axis=1)
     out.append(np.asarray(scores)[:batch_size - pad_rows])
   return np.concatenate(out) if out else np.zeros((0, len(answers)))
 

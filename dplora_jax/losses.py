@@ -1,0 +1,30 @@
+"""The loss on answer tokens, computed only where it is needed.
+
+The classification and QA losses use a few answer tokens per example (1-3 for the sentiment
+labels), so the LM head (~21% of SmolLM2's forward FLOPs) and the log-softmax over the vocabulary
+run only at those positions: `answer_positions` turns a [T] loss mask into a fixed number P of
+positions (static, so shapes stay fixed), and the model is called with `logits_at`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def answer_positions(loss_mask: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+  """The first `count` positions where `loss_mask` [..., T] is True, and their validity.
+
+  Returns:
+    (positions [..., count] int32, valid [..., count] bool). Missing positions are 0 and
+    invalid (an example with fewer answer tokens than `count`).
+  """
+  order = jnp.argsort(~loss_mask.astype(bool), axis=-1, stable=True)[..., :count]
+  valid = jnp.arange(count) < jnp.sum(loss_mask, axis=-1, keepdims=True)
+  return jnp.where(valid, order, 0).astype(jnp.int32), valid
+
+
+def masked_token_logprob(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log p(targets) under logits [..., V] (float32)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]

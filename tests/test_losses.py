@@ -1,0 +1,77 @@
+"""Sparse-position logits: the head and softmax only at answer positions give the same loss,
+gradients and evaluation scores as the full computation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dplora_jax import lora as lora_lib, losses
+from dplora_jax.federated import client as client_lib
+from dplora_jax.models import build_model
+from dplora_jax.tasks import classification as eval_lib
+from tests import tiny
+
+
+def _answers(ex, k):
+  """The same examples with k answer tokens each (k in 1..3)."""
+  lm = np.zeros_like(ex["loss_mask"])
+  for i, row in enumerate(ex["loss_mask"]):
+    lm[i, np.flatnonzero(row)[:k]] = True
+  return dict(ex, loss_mask=lm)
+
+
+def test_answer_positions_are_the_first_p_loss_positions():
+  lm = jnp.array([[0, 1, 1, 0, 1], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0]], bool)
+  pos, valid = losses.answer_positions(lm, 3)
+  np.testing.assert_array_equal(pos, [[1, 2, 4], [3, 0, 0], [0, 0, 0]])
+  np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_model_logits_at_positions_equal_the_full_logits_there(family):
+  arch = dataclasses.replace(tiny.ARCH, family=family, num_kv_heads=tiny.ARCH.num_heads) \
+      if family == "gpt2" else tiny.ARCH
+  model = build_model(arch, seed=1)
+  ex = tiny.examples(3)
+  pos = jnp.array([[0, 5, 7], [2, 2, 9], [11, 1, 3]], jnp.int32)
+  full = model(ex["tokens"], ex["mask"])
+  sparse = model(ex["tokens"], ex["mask"], logits_at=pos)
+  np.testing.assert_allclose(sparse, jnp.take_along_axis(full, pos[..., None], axis=1),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("answer_tokens", [1, 3])
+def test_sparse_loss_and_gradients_equal_the_full_computation(answer_tokens):
+  graphdef, lora, frozen = tiny.model_and_lora()
+  ex = _answers(tiny.examples(4), answer_tokens)
+  fields = ("tokens", "mask", "targets", "loss_mask")
+  for i in range(4):
+    args = [ex[f][i] for f in fields]
+    full, g_full = jax.value_and_grad(client_lib.example_loss, argnums=1)(
+        graphdef, lora, frozen, *args)
+    sparse, g_sparse = jax.value_and_grad(
+        lambda l: client_lib.example_loss(graphdef, l, frozen, *args, positions=3))(lora)
+    assert float(sparse) == pytest.approx(float(full), abs=1e-6)
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_sparse)):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_sparse_eval_scores_equal_the_full_computation():
+  graphdef, lora, frozen = tiny.model_and_lora()
+  ex = _answers(tiny.examples(5), 2)
+  sparse = eval_lib.sequence_logprob(graphdef, lora, frozen, ex["tokens"], ex["mask"],
+                                     ex["targets"], ex["loss_mask"], positions=2)
+  full = eval_lib.sequence_logprob(graphdef, lora, frozen, ex["tokens"], ex["mask"],
+                                   ex["targets"], ex["loss_mask"])
+  np.testing.assert_allclose(sparse, full, atol=1e-5)
+  prompt_len = jnp.array([4, 6, 7, 9, 12], jnp.int32)
+  labels = jnp.array([3, 17, 40])
+  got = eval_lib._label_logprobs_single(graphdef, lora, frozen, ex["tokens"], ex["mask"],
+                                        prompt_len, labels)
+  logits = jax.nn.log_softmax(
+      lora_lib.apply(graphdef, lora, frozen, ex["tokens"], ex["mask"]), -1)
+  want = logits[jnp.arange(5), prompt_len - 1][:, labels]
+  np.testing.assert_allclose(got, want, atol=1e-5)
