@@ -317,7 +317,7 @@ def make_plan(cfg, prior: Ledger | None = None) -> PrivacyPlan:
   if cfg.dp.mode == "paper":
     mech, kw["paper"] = _paper(cfg, priors.get("paper", ()))
     mechanisms.append(mech)
-  public = {"config": True}
+  public = {"config": "every field (it is in summary.json)"}
   if cfg.data.max_client_size:
     public["max_client_size"] = cfg.data.max_client_size
   if cfg.lora.init_from:
