@@ -49,12 +49,21 @@ def test_each_clipped_client_update_is_at_most_s_and_padding_and_nan_are_zero():
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(none)) and float(count) == 0
 
 
+_ROUNDS = {}
+
+
 def _client_round(weights, data_override=None, sum_noise=0.0, clip=0.05, rnd=0, valid=None):
+  """One compiled round per (K, sigma, S); weights, data, masks and the round are inputs."""
   k = len(weights)
-  spec = ClientDP(sum_noise=sum_noise, expected_clients=float(k))
-  step, state, args, extra = tiny.round_setup(num_clients=k, mechanism="none", lr=2.0,
-                                              weights=weights, client_dp=spec, client_clip=clip)
+  if (k, sum_noise, clip) not in _ROUNDS:
+    spec = ClientDP(sum_noise=sum_noise, expected_clients=float(k))
+    _ROUNDS[k, sum_noise, clip] = tiny.round_setup(num_clients=k, mechanism="none", lr=2.0,
+                                                   client_dp=spec, client_clip=clip)
+  step, _, args, extra = _ROUNDS[k, sum_noise, clip]
   mesh = round_lib.make_mesh(1)
+  server_tx = round_lib.make_server_optimizer("fedavg", 1.0)
+  state = round_lib.replicate(mesh, round_lib.init_state(extra[1], server_tx, clip))
+  args = dict(args, weights=round_lib.shard_clients(mesh, np.asarray(weights, np.float32)))
   if data_override is not None:
     args["data"] = round_lib.shard_clients(mesh, data_override(
         {key: np.asarray(v).copy() for key, v in args["data"].items()}))
