@@ -1,7 +1,11 @@
 """DP overhead on the demo shape: non-private vs DP client step, compile time, memory, round time.
 
   python -m benchmarks.round_overhead [--model smollm2-135m-instruct] [--batch 8] [--seq 128]
-      [--clients 1,2,4,8] [--repeats 3]
+      [--clients 1,2,4,8] [--repeats 3] [--answer-tokens 0]
+
+--answer-tokens 0 (default): the loss covers the second half of every sequence (full-sequence
+LM shape). --answer-tokens P: the demo workload, a loss on the last P tokens only, with the head
+and softmax computed at those P positions (`dplora_jax.losses`) in both steps.
 
 Prints a markdown table. Non-private step = jax.grad of the batch-mean loss (one backward pass);
 DP step = vmap per-example gradients of the LoRA tree, per-example clipping, Gaussian noise, SGD.
@@ -10,6 +14,7 @@ DP step = vmap per-example gradients of the LoRA tree, per-example clipping, Gau
 from __future__ import annotations
 
 import argparse
+import functools
 import resource
 import time
 
@@ -56,6 +61,7 @@ def main():
   p.add_argument("--clients", default="1,2,4,8")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--answer-tokens", type=int, default=0)
   args = p.parse_args()
 
   loaded = load_model(args.model, dtype=args.dtype, with_tokenizer=False)
@@ -68,13 +74,15 @@ def main():
            "mask": np.ones((b, t), bool)}
   batch["targets"] = np.roll(batch["tokens"], -1, axis=1)
   batch["loss_mask"] = np.zeros((b, t), bool)
-  batch["loss_mask"][:, t // 2:] = True
+  p_ans = args.answer_tokens
+  batch["loss_mask"][:, (t - 1 - p_ans if p_ans else t // 2):(t - 1 if p_ans else t)] = True
   valid = np.ones((b,), bool)
   tx = optax.sgd(0.1)
 
   def nonprivate_step(lora, frozen, batch):
     def loss(l):
-      per = jax.vmap(client_lib.example_loss, in_axes=(None, None, None, 0, 0, 0, 0))(
+      loss_fn = functools.partial(client_lib.example_loss, positions=p_ans)
+      per = jax.vmap(loss_fn, in_axes=(None, None, None, 0, 0, 0, 0))(
           graphdef, l, frozen, batch["tokens"], batch["mask"], batch["targets"],
           batch["loss_mask"])
       return jnp.mean(per)
@@ -83,7 +91,8 @@ def main():
     return optax.apply_updates(lora, updates)
 
   spec = client_lib.ClientSpec(microbatch=min(args.microbatch, b), local_steps=1,
-                               dpsgd=DPSGD(clip_norm=1.0, noise_multiplier=1.0, divisor=float(b)))
+                               dpsgd=DPSGD(clip_norm=1.0, noise_multiplier=1.0, divisor=float(b)),
+                               loss_positions=p_ans)
 
   def dp_step(lora, frozen, batch, key):
     g, _ = client_lib.privatized_gradient(graphdef, spec, lora, frozen, batch, valid, key)
@@ -94,7 +103,9 @@ def main():
   dp_first, dp_time = _time(jax.jit(dp_step), lora, frozen, batch, jax.random.key(1),
                             repeats=args.repeats)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, model {args.model}, "
-        f"batch {b} x {t} tokens, LoRA r={args.rank} on q,k,v "
+        f"batch {b} x {t} tokens, loss on "
+        f"{f'{p_ans} answer tokens (sparse head)' if p_ans else 'the second half'}, "
+        f"LoRA r={args.rank} on q,k,v "
         f"({lora_lib.count_params(lora):,} params), dtype {args.dtype}\n")
   print("| step | compile+first (s) | step (s) | ratio to non-private |")
   print("|---|---|---|---|")
