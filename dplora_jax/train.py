@@ -153,13 +153,13 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   start = host.rounds_done
   tb = TensorBoardWriter(workdir)
   noise_key = host.randomness.noise_key
+  cfg_dict = config_lib.to_dict(cfg)
 
   def save():
     ckpt.save(host.rounds_done, state, {
         "config": cfg_dict, "model": {"path": s.model_path, "fingerprint": s.fingerprint},
         "ledger": plan.ledger(host.rounds_done).to_dict(), "host": host.to_dict()})
 
-  cfg_dict = config_lib.to_dict(cfg)
   pad = s.tokenizer.pad_token_id
   n_labels = len(cfg.data.labels)
   before = eval_lib.evaluate(s.graphdef, s.lora, s.frozen, s.eval_examples, s.answers, pad,
@@ -168,7 +168,6 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   expected = cfg.fed.client_rate * k
   compile_s = None
   spent = plan.ledger(start).epsilons()
-  diag_totals = {"overflows": 0}
   bar = tqdm(range(start, cfg.fed.rounds), desc="rounds", disable=not progress,
              initial=start, total=cfg.fed.rounds)
   for r in bar:
@@ -222,7 +221,6 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
       post["private_loss"] = f"{diag['loss']:.3f}"
     bar.set_postfix(**post)
   tb.close()
-  diag_totals["overflows"] = host.sampler.overflows
 
   lora = state.lora
   after = eval_lib.evaluate(s.graphdef, lora, s.frozen, s.eval_examples, s.answers, pad, n_labels)
@@ -231,7 +229,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
       lora_params=lora_lib.count_params(lora), before=before, after=after,
       first_round_seconds=compile_s, wall_seconds=time.time() - t_start,
       randomness_source=host.randomness.source, a_frozen=a_frozen,
-      diagnostics=diag_totals if cfg.private_diagnostics else None)
+      diagnostics=({"overflows": host.sampler.overflows} if cfg.private_diagnostics else None))
   summary["resumed_from_round"] = start if meta is not None else None
   path = os.path.join(workdir, "summary.json")
   with open(path, "w") as f:
