@@ -168,9 +168,8 @@ def sampling_shape(cfg: RunConfig, plan: plan_lib.PrivacyPlan,
   if plan.max_batch:
     return plan.max_batch, rates
   if d.sampling == "poisson":  # no example-level privacy: only keep over-full samples rare
-    ns = [bound] if bound else sizes
-    return max(sampling.choose_max_batch(n, min(1.0, d.batch_size / n), 1, 0.0, 1e-9, mb)
-               for n in ns), rates
+    return sampling.max_batch_for_clients([bound] if bound else sizes, d.batch_size, 1, 0.0,
+                                          1e-9, mb), rates
   return int(math.ceil(d.batch_size / mb) * mb), rates
 
 

@@ -31,7 +31,6 @@ from dplora_jax import config as config_lib, workdir as workdir_lib
 from dplora_jax.dp.ledger import Ledger
 
 FORMAT_VERSION = 2  # 2: host state with secret sampling randomness; ledger segments
-PERFORMANCE_FIELDS = config_lib.RESUME_MAY_CHANGE
 
 
 class CheckpointError(RuntimeError):
@@ -52,8 +51,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def config_changes(saved: dict, current: dict) -> list[str]:
   """Dotted fields whose values differ (missing on one side counts), performance fields aside."""
   a, b = _flatten(saved), _flatten(current)
-  return sorted(k for k in set(a) | set(b)
-                if k not in PERFORMANCE_FIELDS and a.get(k, "<missing>") != b.get(k, "<missing>"))
+  return sorted(k for k in set(a) | set(b) if k not in config_lib.RESUME_MAY_CHANGE
+                and a.get(k, "<missing>") != b.get(k, "<missing>"))
 
 
 def state_tree(state) -> dict:
@@ -182,7 +181,8 @@ def check_resumable(meta: dict, cfg, fingerprint: str | None = None, path: str =
     raise CheckpointError(
         f"the workdir's checkpoint {path} was written with a different config ({detail}). These "
         "fields change the privacy guarantee, the shapes or the numbers, so resuming would not be "
-        f"the same run; use a new --workdir. Only {', '.join(PERFORMANCE_FIELDS)} may change.")
+        f"the same run; use a new --workdir. Only {', '.join(config_lib.RESUME_MAY_CHANGE)} "
+        "may change.")
   if fingerprint is not None and meta["model"]["fingerprint"] != fingerprint:
     raise CheckpointError(
         f"the base model changed since checkpoint {path}: {meta['model']['path']} had checksum "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 
@@ -79,8 +78,7 @@ def export_workdir(workdir: str, out: str, *, merged: bool = False) -> str:
     peft.export_merged(model, loaded.config, tok, out, source_path=path)
     with open(os.path.join(out, "README.md"), "w") as f:
       f.write(privacy_readme(cfg, meta).replace("LoRA adapter", "merged model (base + LoRA)"))
-    with open(os.path.join(out, peft.LEDGER_FILE), "w") as f:
-      json.dump(meta["ledger"], f, indent=2)
+    peft.write_ledger(out, meta["ledger"])
     return out
   return peft.export_adapter(model, build.effective_lora(cfg), out, base_model=path,
                              readme=privacy_readme(cfg, meta), ledger=meta["ledger"])

@@ -24,7 +24,7 @@ def answer_positions(loss_mask: jax.Array, count: int) -> tuple[jax.Array, jax.A
   return jnp.where(valid, order, 0).astype(jnp.int32), valid
 
 
-def masked_token_logprob(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def token_logprob(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """log p(targets) under logits [..., V] (float32)."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]

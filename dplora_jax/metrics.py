@@ -8,6 +8,8 @@ import os
 import jax
 import numpy as np
 
+from dplora_jax.workdir import make_private_dir, private_open
+
 
 def tree_bytes(tree) -> int:
   """Bytes of a pytree of arrays in their actual dtypes."""
@@ -26,6 +28,10 @@ class Communication:
     self.up_total = 0
     self.down_total = setup_down
 
+  def expected_round_bytes(self, expected_participants: float) -> float:
+    """Bytes each way in a round with `expected_participants` (p K) clients."""
+    return self.lora_bytes * expected_participants
+
   def record_round(self, participants: int) -> tuple[int, int]:
     up = self.lora_bytes * participants
     down = self.lora_bytes * participants  # the global LoRA goes to every sampled client
@@ -41,7 +47,7 @@ class JsonlWriter:
     self.path = path
 
   def write(self, record: dict):
-    with open(self.path, "a", encoding="utf-8") as f:
+    with private_open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
 
 
@@ -50,7 +56,9 @@ class TensorBoardWriter:
 
   def __init__(self, workdir: str):
     from tensorboardX import SummaryWriter
-    self.writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+    self.logdir = os.path.join(workdir, "tensorboard")
+    make_private_dir(self.logdir)  # owner-only before any event file exists
+    self.writer = SummaryWriter(logdir=self.logdir)
 
   def write(self, record: dict):
     step = int(record["round"])

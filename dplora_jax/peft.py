@@ -85,14 +85,19 @@ def export_adapter(model: nnx.Module, lora_cfg: lora_lib.LoRAConfig, out_dir: st
   metadata = {"format": "pt"}
   if ledger is not None:
     metadata[LEDGER_KEY] = json.dumps(ledger)
-    with open(os.path.join(out_dir, LEDGER_FILE), "w") as f:
-      json.dump(ledger, f, indent=2)
+    write_ledger(out_dir, ledger)
   save_file(adapter_tensors(model, targets), os.path.join(out_dir, ADAPTER_WEIGHTS),
             metadata=metadata)
   if readme:
     with open(os.path.join(out_dir, "README.md"), "w") as f:
       f.write(readme)
   return out_dir
+
+
+def write_ledger(out_dir: str, ledger: dict):
+  """Writes `ledger` as LEDGER_FILE beside exported weights (adapter or merged model)."""
+  with open(os.path.join(out_dir, LEDGER_FILE), "w") as f:
+    json.dump(ledger, f, indent=2)
 
 
 def read_ledger(adapter_dir: str) -> dict | None:

@@ -67,8 +67,9 @@ def summary(cfg, plan: plan_lib.PrivacyPlan, ledger: Ledger, comm: Communication
             "bytes_are_expected": False}
   else:  # the participant count is protected under client-level DP: its expectation only
     rounds = ledger.rounds
-    out |= {"bytes_up_total": comm.lora_bytes * expected_clients * rounds,
-            "bytes_down_total": comm.setup_down + comm.lora_bytes * expected_clients * rounds,
+    out |= {"bytes_up_total": comm.expected_round_bytes(expected_clients) * rounds,
+            "bytes_down_total": (comm.setup_down
+                                 + comm.expected_round_bytes(expected_clients) * rounds),
             "bytes_are_expected": True}
   if diagnostics is not None:
     out["diagnostics"] = {"warning": DIAGNOSTICS_WARNING, "poisson_overflows":

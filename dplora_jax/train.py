@@ -155,10 +155,10 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   noise_key = host.randomness.noise_key
   cfg_dict = config_lib.to_dict(cfg)
 
-  def save():
+  def save(ledger):
     ckpt.save(host.rounds_done, state, {
         "config": cfg_dict, "model": {"path": s.model_path, "fingerprint": s.fingerprint},
-        "ledger": plan.ledger(host.rounds_done).to_dict(), "host": host.to_dict()})
+        "ledger": ledger.to_dict(), "host": host.to_dict()})
 
   pad = s.tokenizer.pad_token_id
   n_labels = len(cfg.data.labels)
@@ -166,12 +166,17 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
                              n_labels)
   initial = jax.tree.map(np.asarray, s.lora)
   expected = cfg.fed.client_rate * k
+  # the public noise norm sigma C sqrt(d) / B (only the private_diagnostics ratio uses it)
+  noise_norm = (plan.dpsgd.noise_multiplier * plan.dpsgd.clip_norm
+                * math.sqrt(lora_lib.count_params(s.lora)) / plan.dpsgd.divisor
+                if plan.dpsgd is not None else None)
   compile_s = None
-  spent = plan.ledger(start).epsilons()
+  ledger = plan.ledger(start)  # one Ledger per round: its eps are computed once
   bar = tqdm(range(start, cfg.fed.rounds), desc="rounds", disable=not progress,
              initial=start, total=cfg.fed.rounds)
   for r in bar:
-    nxt = plan.ledger(r + 1).epsilons()
+    nxt_ledger = plan.ledger(r + 1)
+    nxt = nxt_ledger.epsilons()
     for m in plan.mechanisms:
       if nxt[m.name] > m.epsilon * (1 + 1e-9):
         raise RuntimeError(f"budget guard: round {r + 1} would spend eps={nxt[m.name]:.4f} "
@@ -198,24 +203,22 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
         if not moved and public["participants"] > 0:
           raise RuntimeError("guard: the LoRA weights did not move in round 1 (learning rate 0, "
                              "or every update was zero); refusing to spend privacy on nothing.")
-    spent = nxt
+    ledger = nxt_ledger
     host.rounds_done = r + 1
     up, down = comm.record_round(int(public["participants"]))
     diag = None
     if cfg.private_diagnostics:
       diag = dict(diagnostics, seconds=seconds)
-      if plan.dpsgd is not None:  # analytic (public) noise norm over the private signal norm
-        d_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.lora))
-        noise = plan.dpsgd.noise_multiplier * plan.dpsgd.clip_norm * math.sqrt(d_lora)
-        diag["noise_to_signal"] = (noise / plan.dpsgd.divisor
-                                   / max(float(diagnostics["signal_norm"]), 1e-12))
-    record = release.round_record(cfg.dp.mode, r + 1, spent, public, up, down,
-                                  comm.lora_bytes * expected, comm.lora_bytes * expected, diag)
+      if noise_norm is not None:
+        diag["noise_to_signal"] = noise_norm / max(float(diagnostics["signal_norm"]), 1e-12)
+    exp_bytes = comm.expected_round_bytes(expected)
+    record = release.round_record(cfg.dp.mode, r + 1, nxt, public, up, down, exp_bytes,
+                                  exp_bytes, diag)
     if (r + 1) % cfg.log_every == 0 or r + 1 == cfg.fed.rounds:
       writer.write(record)
       tb.write(record)
     if ckpt and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.fed.rounds):
-      save()
+      save(ledger)
     post = {"eps": f"{record['epsilon']:.2f}"}
     if diag:
       post["private_loss"] = f"{diag['loss']:.3f}"
@@ -225,16 +228,16 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   lora = state.lora
   after = eval_lib.evaluate(s.graphdef, lora, s.frozen, s.eval_examples, s.answers, pad, n_labels)
   summary = report.summary(
-      cfg, plan, plan.ledger(host.rounds_done), comm, devices=n_dev, max_batch=s.max_batch,
+      cfg, plan, ledger, comm, devices=n_dev, max_batch=s.max_batch,
       lora_params=lora_lib.count_params(lora), before=before, after=after,
       first_round_seconds=compile_s, wall_seconds=time.time() - t_start,
       randomness_source=host.randomness.source, a_frozen=a_frozen,
       diagnostics=({"overflows": host.sampler.overflows} if cfg.private_diagnostics else None))
   summary["resumed_from_round"] = start if meta is not None else None
-  path = os.path.join(workdir, "summary.json")
-  with open(path, "w") as f:
+  with workdir_lib.private_open(os.path.join(workdir, "summary.json")) as f:
     json.dump(summary, f, indent=2, default=float)
-  workdir_lib.restrict_tree(workdir)
+  # only what this run wrote: never files of the user's that happen to sit in the workdir
+  workdir_lib.restrict_tree(tb.logdir)
   return RunResult(summary, lora, state, s, host)
 
 

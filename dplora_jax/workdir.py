@@ -26,6 +26,14 @@ def make_private_dir(path: str):
   os.chmod(path, 0o700)
 
 
+def private_open(path: str, mode: str = "w"):
+  """open() for a file the run writes: created 0600, and made 0600 if it already exists."""
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC),
+               0o600)
+  os.fchmod(fd, 0o600)
+  return os.fdopen(fd, mode, encoding="utf-8")
+
+
 def restrict_tree(path: str):
   """chmod every directory under `path` 0700 and every file 0600 (after orbax writes)."""
   for root, dirs, files in os.walk(path):

@@ -248,3 +248,18 @@ def test_unfinished_saves_are_removed_by_a_writer_before_it_returns_and_never_by
   assert sorted(p.name for p in ckdir.iterdir()) == finished
   assert writer.latest() == 4
   writer.close()
+
+
+def test_only_the_runs_own_files_are_made_owner_only(tmp_path):
+  """The run restricts what it writes (checkpoints, logs, summary), never the user's files that
+  happen to sit in the workdir."""
+  wd = tmp_path / "run"
+  wd.mkdir()
+  mine = wd / "notes.txt"
+  mine.write_text("the user's")
+  os.chmod(mine, 0o644)
+  train.run(_cfg("rounds=1,ckpt_every=0"), str(wd), progress=False)
+  assert stat.S_IMODE(os.stat(mine).st_mode) == 0o644
+  assert stat.S_IMODE(os.stat(wd / "tensorboard").st_mode) == 0o700
+  for f in ("metrics.jsonl", "summary.json"):
+    assert stat.S_IMODE(os.stat(wd / f).st_mode) == 0o600

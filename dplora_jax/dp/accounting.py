@@ -102,16 +102,12 @@ def composed_event(events: Sequence):
   return events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(list(events))
 
 
-def _is_nonprivate(event) -> bool:
-  if isinstance(event, dp_accounting.NonPrivateDpEvent):
-    return True
-  return isinstance(event, dp_accounting.ComposedDpEvent) and any(map(_is_nonprivate,
-                                                                      event.events))
-
-
 def epsilon(event, delta: float, kind: str = "rdp", orders: str = "default") -> float:
-  """The eps of `event` at `delta` (PLD: discretization relative to the eps, see above)."""
-  if _is_nonprivate(event):
+  """The eps of `event` at `delta` (PLD: discretization relative to the eps, see above).
+
+  Build compositions with `composed_event`, which turns any non-private part into a
+  NonPrivateDpEvent (eps = inf)."""
+  if isinstance(event, dp_accounting.NonPrivateDpEvent):
     return math.inf
   if isinstance(event, dp_accounting.NoOpDpEvent):
     return 0.0

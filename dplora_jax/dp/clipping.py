@@ -43,7 +43,7 @@ def _rows(mask: jax.Array, x: jax.Array) -> jax.Array:
 def scaled_row_sum(rows: PyTree, factors: jax.Array) -> PyTree:
   """sum_i factors[i] * rows[i] (leaves [N, ...]), elementwise in float32.
 
-  Rows with factor 0 are excluded with `where`, so a non-finite row never reaches the sum.
+  Rows with factor <= 0 are excluded with `where`, so a non-finite row never reaches the sum.
   """
   def one(g):
     g = g.astype(jnp.float32)

@@ -10,8 +10,8 @@ guarantee of everything that produced the weights it sits beside.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Iterable
+import functools
+from typing import Iterable, Sequence
 
 from dplora_jax.dp import accounting
 
@@ -40,6 +40,12 @@ class Segment:
                float(d.get("extra_delta", 0.0)), str(d.get("source", "earlier run")))
 
 
+def segments_event(segments: Sequence[Segment]):
+  """The DpEvent of `segments` composed: the one builder the plan calibrates with and the ledger
+  reports from."""
+  return accounting.composed_event([s.event() for s in segments])
+
+
 @dataclasses.dataclass(frozen=True)
 class LedgerEntry:
   """One protected unit's spend: its segments composed at `accountant_delta`."""
@@ -50,10 +56,10 @@ class LedgerEntry:
   segments: tuple[Segment, ...]
 
   def event(self):
-    return accounting.composed_event([s.event() for s in self.segments])
+    return segments_event(self.segments)
 
-  @property
-  def epsilon(self) -> float:
+  @functools.cached_property
+  def epsilon(self) -> float:  # computed once per entry (the run loop reuses its ledger)
     return accounting.epsilon(self.event(), self.accountant_delta, self.accountant)
 
   @property
@@ -82,10 +88,6 @@ class Ledger:
 
   def epsilons(self) -> dict[str, float]:
     return {e.name: e.epsilon for e in self.entries}
-
-  @property
-  def private(self) -> bool:
-    return bool(self.entries) and all(math.isfinite(e.epsilon) for e in self.entries)
 
   def to_dict(self) -> dict:
     return {"ledger_version": LEDGER_VERSION, "rounds": self.rounds,

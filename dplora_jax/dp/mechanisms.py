@@ -40,15 +40,19 @@ class DPSGD:
   noise_multiplier: float
   divisor: float
 
-  def release(self, key: jax.Array, clipped: clipping.ClippedSum) -> PyTree:
+  def release(self, key: jax.Array, clipped_sum: PyTree) -> PyTree:
     """(clipped sum + N(0, (sigma C)^2)) / B.
+
+    Args:
+      clipped_sum: a sum of per-example gradients each clipped to `clip_norm` by
+        `clipping.clip_and_sum` (over any number of microbatches: its sensitivity is C).
 
     Formal guarantee: the Gaussian mechanism with L2 sensitivity C (add/remove of one example of
     this client's Poisson sample) and noise multiplier sigma; dividing by the public B is
     post-processing. With Poisson sampling at rate q this is the sampled Gaussian that
     `dp.accounting` composes.
     """
-    noised = noise.gaussian_release(key, clipped.sum, clipped.sensitivity, self.noise_multiplier)
+    noised = noise.gaussian_release(key, clipped_sum, self.clip_norm, self.noise_multiplier)
     return jax.tree.map(lambda x: x / self.divisor, noised)
 
 

@@ -36,7 +36,7 @@ import dataclasses
 import math
 
 from dplora_jax.dp import accounting, sampling
-from dplora_jax.dp.ledger import Ledger, LedgerEntry, Segment
+from dplora_jax.dp.ledger import Ledger, LedgerEntry, Segment, segments_event
 from dplora_jax.dp.mechanisms import DPSGD, AdaptiveClip, ClientDP, PaperGroups
 
 UNITS = {
@@ -144,6 +144,12 @@ class PrivacyPlan:
             "max_batch": self.max_batch, "public": self.public}
 
 
+def _event_fn(prior: tuple[Segment, ...], sampling_rate: float, releases: int):
+  """sigma -> the DpEvent of the prior segments and this run's `releases` (the same composition
+  `Mechanism.entry` reports, so calibration and the ledger cannot disagree)."""
+  return lambda sigma: segments_event(prior + (Segment(sampling_rate, sigma, releases),))
+
+
 def _prior_budget(prior: tuple[Segment, ...], delta: float, field: str) -> float:
   extra = sum(s.extra_delta for s in prior)
   if extra >= delta:
@@ -171,10 +177,7 @@ def _example(cfg, prior: tuple[Segment, ...]):
   budget = dp.delta - prior_extra
   acc_delta = budget * (1.0 - dp.truncation_delta_fraction)
   trunc_budget = budget * dp.truncation_delta_fraction
-  prior_events = [s.event() for s in prior]
-
-  def event(sigma):
-    return accounting.composed_event(prior_events + [accounting.dpsgd_event(q, sigma, steps)])
+  event = _event_fn(prior, q, steps)
 
   if dp.noise_multiplier > 0:
     sigma = float(dp.noise_multiplier)
@@ -208,11 +211,7 @@ def _client(cfg, prior: tuple[Segment, ...]):
   p = float(fed.client_rate)
   prior_extra = _prior_budget(prior, dp.client_delta, "dp.client_delta")
   acc_delta = dp.client_delta - prior_extra
-  prior_events = [s.event() for s in prior]
-
-  def event(sigma):
-    return accounting.composed_event(prior_events
-                                     + [accounting.dpsgd_event(p, sigma, fed.rounds)])
+  event = _event_fn(prior, p, fed.rounds)
 
   if dp.client_noise_multiplier > 0:
     sigma = float(dp.client_noise_multiplier)
@@ -254,15 +253,16 @@ def _paper(cfg, prior: tuple[Segment, ...]):
   claimed = paper_epsilon(sigma, dp.delta)
   prior_extra = _prior_budget(prior, dp.delta, "dp.delta")
   acc_delta = dp.delta - prior_extra
+  eps = accounting.epsilon(_event_fn(prior, 1.0, cfg.fed.rounds * groups)(honest), acc_delta,
+                           dp.accountant)
   mech = Mechanism(
       name="paper", unit=UNITS["paper"], sampling_rate=1.0, releases_per_round=groups,
       rounds=cfg.fed.rounds, noise_multiplier=honest, delta=dp.delta, accountant_delta=acc_delta,
-      accountant=dp.accountant, epsilon=0.0, prior=prior,
+      accountant=dp.accountant, epsilon=eps, prior=prior,
       details={"paper_sigma": sigma, "paper_epsilon_per_iteration": claimed,
                "paper_formula_valid": claimed < 1.0, "noise_std": std, "clip_norm": dp.clip_norm,
                "groups": groups, "sensitivity_per_group": 2 * dp.clip_norm,
                "paper_noise": dp.paper_noise})
-  mech = dataclasses.replace(mech, epsilon=mech.epsilon_after(cfg.fed.rounds))
   return mech, PaperGroups(float(dp.clip_norm), std)
 
 
@@ -285,7 +285,9 @@ def priors_from(cfg, ledger: Ledger | None) -> dict[str, tuple[Segment, ...]]:
           f"{name}-level guarantee (it has {have}), so this run's {name}-level eps cannot be "
           "stated; start from another adapter, or set lora.init_from_public=True if it was "
           "trained without this run's private data.")
-    out[name] = entry.segments
+    # the adapter's own run becomes an earlier segment of this one
+    out[name] = tuple(dataclasses.replace(s, source="starting adapter")
+                      if s.source == "this run" else s for s in entry.segments)
   return out
 
 

@@ -70,9 +70,6 @@ class PoissonSampler:
     self.rng = rng
     self.overflows = 0  # over-full samples seen (a private diagnostic: never in default outputs)
 
-  def rate(self, k: int) -> float:
-    return self.rates[k]
-
   def sample(self, num_steps: int, num_slots: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices [K_slots, steps, max_batch] int32 and mask of the same shape (bool).
 

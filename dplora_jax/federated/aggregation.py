@@ -22,5 +22,4 @@ def weighted_sum(deltas: PyTree, weights: jax.Array) -> PyTree:
   A zero-weight (unsampled or padding) client's delta is excluded exactly (`where`), even if it
   is non-finite.
   """
-  w = weights.astype(jnp.float32)
-  return clipping.scaled_row_sum(deltas, jnp.where(w > 0, w, 0.0))
+  return clipping.scaled_row_sum(deltas, weights.astype(jnp.float32))

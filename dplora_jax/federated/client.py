@@ -36,11 +36,11 @@ def example_loss(graphdef, lora: PyTree, frozen: PyTree, tokens: jax.Array, mask
   if positions:
     pos, valid = losses.answer_positions(loss_mask, positions)
     logits = lora_lib.apply(graphdef, lora, frozen, tokens[None], mask[None], pos[None])[0]
-    nll = -losses.masked_token_logprob(logits, targets[pos])
+    nll = -losses.token_logprob(logits, targets[pos])
     w = valid.astype(jnp.float32)
   else:
     logits = lora_lib.apply(graphdef, lora, frozen, tokens[None], mask[None])[0]
-    nll = -losses.masked_token_logprob(logits, targets)
+    nll = -losses.token_logprob(logits, targets)
     w = loss_mask.astype(jnp.float32)
   return jnp.sum(jnp.where(w > 0, nll, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
 
@@ -138,8 +138,7 @@ def privatized_gradient(graphdef, spec: ClientSpec, lora, frozen, batch, valid, 
   """
   g_sum, stats = per_example_grads_sum(graphdef, spec, lora, frozen, batch, valid)
   if spec.dpsgd is not None:
-    grad = spec.dpsgd.release(key, clipping.ClippedSum(g_sum, jnp.float32(spec.dpsgd.clip_norm),
-                                                       None, None))
+    grad = spec.dpsgd.release(key, g_sum)
     stats["signal_norm"] = clipping.global_norm(g_sum) / spec.dpsgd.divisor
     return grad, stats
   denom = jnp.maximum(stats["count"], 1).astype(jnp.float32)

@@ -26,9 +26,9 @@ def sequence_logprob(graphdef, lora, frozen, tokens, mask, targets, loss_mask, p
   if positions:
     pos, valid = losses.answer_positions(loss_mask, positions)
     logits = lora_lib.apply(graphdef, lora, frozen, tokens, mask, pos)
-    logp = losses.masked_token_logprob(logits, jnp.take_along_axis(targets, pos, axis=1))
+    logp = losses.token_logprob(logits, jnp.take_along_axis(targets, pos, axis=1))
     return jnp.sum(jnp.where(valid, logp, 0.0), axis=-1)
-  logp = losses.masked_token_logprob(lora_lib.apply(graphdef, lora, frozen, tokens, mask), targets)
+  logp = losses.token_logprob(lora_lib.apply(graphdef, lora, frozen, tokens, mask), targets)
   return jnp.sum(jnp.where(loss_mask, logp, 0.0), axis=-1)
 
 
