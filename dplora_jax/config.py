@@ -102,7 +102,13 @@ class DPConfig:
   accountant: str = "rdp"  # rdp or pld (dp-accounting)
   allow_large_delta: bool = False  # permit delta >= 1/n
   max_batch_size: int = 0  # physical Poisson batch cap (0 = automatic, see dp/sampling.py)
-  truncation_delta_fraction: float = 0.01  # share of delta for over-full Poisson samples
+  # over-full Poisson samples (cut to max_batch): "accounted" in the PLD event (dp-accounting's
+  # truncated-Poisson Gaussian; needs accountant pld; max_batch near the expected batch),
+  # "delta" charged to delta (any accountant; max_batch far in the tail), "auto" = accounted
+  # under pld, delta under rdp. See dp/plan.py.
+  truncation: str = "auto"
+  truncation_slack: float = 0.01  # accounted: max_batch whose eps is within 1% of untruncated
+  truncation_delta_fraction: float = 0.01  # delta: share of delta for over-full Poisson samples
   client_clip_norm: float = 0.1  # S: client-level L2 bound on each client's LoRA update (initial)
   client_noise_multiplier: float = 0.0  # server noise sigma (std sigma * S); 0 = calibrate
   client_target_epsilon: float = 8.0  # end-to-end eps for a whole client
@@ -115,6 +121,12 @@ class DPConfig:
   # OS entropy (secret); >= 0 seeds them all, for reproductions only: anyone with the config can
   # then regenerate the noise and the samples (the report says so).
   reproducible_seed: int = -1
+
+  @property
+  def truncation_method(self) -> str:
+    if self.truncation == "auto":
+      return "accounted" if self.accountant == "pld" else "delta"
+    return self.truncation
 
   @property
   def sample_level(self) -> bool:
@@ -146,6 +158,10 @@ class DPConfig:
                "> 0 (or set dp.noise_multiplier)")
       _check(0 < self.truncation_delta_fraction < 1, "dp.truncation_delta_fraction",
              self.truncation_delta_fraction, "a number in (0, 1)")
+      _check(self.truncation in ("auto", "accounted", "delta"), "dp.truncation",
+             self.truncation, "auto, accounted or delta")
+      _check(0 < self.truncation_slack < 1, "dp.truncation_slack", self.truncation_slack,
+             "a number in (0, 1)")
       _check(self.max_batch_size >= 0, "dp.max_batch_size", self.max_batch_size, ">= 0")
     if self.client_level:
       _check(self.client_clip_norm > 0 and math.isfinite(self.client_clip_norm),

@@ -49,6 +49,7 @@ def summary(cfg, plan: plan_lib.PrivacyPlan, ledger: Ledger, comm: Communication
       "privacy": mechs, "ledger": ledger.to_dict(),
       "assumed_public": plan.public,
       "dp_randomness": randomness_source if head else None,
+      "truncation": (plan.get("example").details["truncation"] if plan.get("example") else None),
       "truncation_delta": (plan.get("example").extra_delta if plan.get("example") else None),
       "max_batch": max_batch, "expected_batch": cfg.data.batch_size,
       "max_client_size": cfg.data.max_client_size or None,
@@ -91,6 +92,13 @@ def privacy_lines(mechs: list[dict]) -> list[str]:
     if m.get("prior"):
       lines.append(f"    includes {len(m['prior'])} earlier segment(s) from the starting adapter's "
                    "ledger")
+    if m["name"] == "example":
+      d = m["details"]
+      how = (f"accounted in the PLD event (truncated Poisson on {m['dataset_size']} records)"
+             if d["truncation"] == "accounted" else
+             f"charged delta {d['truncation_delta']:.2g}")
+      lines.append(f"    physical batch {d['max_batch']} (expected {d['expected_batch']}); "
+                   f"over-full samples cut at random, {how}")
     if m["name"] == "paper":
       d = m["details"]
       lines.append(f"    the paper's claim: eps = {d['paper_epsilon_per_iteration']:.3f} per "

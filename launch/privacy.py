@@ -86,6 +86,12 @@ def main(argv=None) -> int:
       print(f"  q = {m.sampling_rate:.6g}, releases = {m.releases_per_round} x {m.rounds} rounds, "
             f"noise multiplier = {m.noise_multiplier:.6g}, accountant = {m.accountant}")
       print(f"  eps = {m.epsilon:.6g}, delta = {m.delta:.6g}")
+      if m.name == "example":
+        d = m.details
+        how = ("accounted (truncated-Poisson PLD event)" if d["truncation"] == "accounted"
+               else f"charged delta {d['truncation_delta']:.3g}")
+        print(f"  physical batch {d['max_batch']} (expected {d['expected_batch']}), over-full "
+              f"samples cut: {how}")
       if m.name == "paper":
         d = m.details
         print(f"  the paper's claim: eps = {d['paper_epsilon_per_iteration']:.6g} per iteration "

@@ -92,6 +92,43 @@ def dpsgd_event(sampling_rate: float, noise_multiplier: float, steps: int):
   return dp_accounting.SelfComposedDpEvent(event, steps)
 
 
+def truncated_dpsgd_event(dataset_size: int, sampling_rate: float, max_batch: int,
+                          noise_multiplier: float, steps: int):
+  """`steps` compositions of the Gaussian on a *truncated* Poisson sample (PLD only).
+
+  Each step includes each of `dataset_size` records with probability `sampling_rate`, cuts an
+  over-full sample to a uniformly random subset of `max_batch`, and adds N(0, sigma^2 C^2) to the
+  clipped sum: dp-accounting's `TruncatedSubsampledGaussianDpEvent` (arXiv 2508.15089), whose
+  `dataset_size` counts the protected record. When `max_batch >= dataset_size` nothing can be cut
+  and this is `dpsgd_event`.
+  """
+  if max_batch >= dataset_size or steps == 0 or sampling_rate == 0 or noise_multiplier == 0:
+    return dpsgd_event(sampling_rate, noise_multiplier, steps)
+  return dp_accounting.SelfComposedDpEvent(dp_accounting.TruncatedSubsampledGaussianDpEvent(
+      int(dataset_size), float(sampling_rate), int(max_batch), float(noise_multiplier)), steps)
+
+
+def untruncated(event):
+  """`event` with every truncated-Poisson Gaussian replaced by its untruncated counterpart.
+
+  Only a *scale* (RDP cannot account truncation): truncation can raise eps, so this is never
+  a bound on `event`; it sizes PLD's discretization and brackets calibration.
+  """
+  if isinstance(event, dp_accounting.TruncatedSubsampledGaussianDpEvent):
+    return dp_accounting.PoissonSampledDpEvent(
+        event.sampling_probability, dp_accounting.GaussianDpEvent(event.noise_multiplier))
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    return dp_accounting.SelfComposedDpEvent(untruncated(event.event), event.count)
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    return dp_accounting.ComposedDpEvent([untruncated(e) for e in event.events])
+  return event
+
+
+def is_truncated(event) -> bool:
+  """Whether `event` holds a truncated-Poisson Gaussian (which only the PLD accountant takes)."""
+  return untruncated(event) != event
+
+
 def composed_event(events: Sequence):
   """The composition of `events` (NoOp parts dropped; one event is returned as is)."""
   events = [e for e in events if not isinstance(e, dp_accounting.NoOpDpEvent)]
@@ -113,10 +150,15 @@ def epsilon(event, delta: float, kind: str = "rdp", orders: str = "default") -> 
     return 0.0
   with _quiet():
     if kind == "pld":
-      estimate = epsilon(event, delta, "rdp")  # RDP >= the tight eps: a safe scale
+      # RDP >= the tight eps of an untruncated event: a safe scale for the discretization (for a
+      # truncated one it may be below the eps, which only makes the discretization finer)
+      estimate = epsilon(untruncated(event), delta, "rdp")
       acc = make_accountant("pld", pld_epsilon_estimate=estimate,
                             pld_releases=compositions(event))
     else:
+      if is_truncated(event):
+        raise ValueError("truncated Poisson sampling is accounted by PLD only: set "
+                         "dp.accountant='pld' (or dp.truncation='delta').")
       acc = make_accountant(kind, orders)
     return float(acc.compose(event).get_epsilon(delta))
 
@@ -139,9 +181,13 @@ def calibrate(make_event: Callable[[float], object], target_epsilon: float, delt
                      f"{what}at delta={delta}; raise the target, or lower the rounds/steps/batch.")
   lo = 1e-3
   if kind == "pld":
-    # A PLD at a tiny sigma is enormous (memory); PLD is tighter than RDP, so the RDP answer is an
-    # upper bracket and half of it a safe lower one (widened if ever needed).
-    hi = calibrate(make_event, target_epsilon, delta, "rdp", field, "default", what)
+    # A PLD at a tiny sigma is enormous (memory); PLD is tighter than RDP, so the RDP answer of the
+    # untruncated event is an upper bracket for it (widened until it is one for a truncated event)
+    # and half of it a safe lower one (widened if ever needed).
+    hi = calibrate(lambda s: untruncated(make_event(s)), target_epsilon, delta, "rdp", field,
+                   "default", what)
+    while hi < SIGMA_MAX and epsilon(make_event(hi), delta, "pld") > target_epsilon:
+      hi = min(SIGMA_MAX, 2 * hi)
     lo = hi / 2
     while lo > 1e-3 and epsilon(make_event(lo), delta, "pld") <= target_epsilon:
       lo /= 2

@@ -15,20 +15,31 @@ from typing import Iterable, Sequence
 
 from dplora_jax.dp import accounting
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: segments may be truncated-Poisson (dataset_size, max_batch)
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-  """`releases` Poisson-sampled (rate q; 1 = no sampling) Gaussian releases with multiplier sigma,
-  plus `extra_delta` charged outside the accountant (truncated Poisson samples)."""
+  """`releases` Poisson-sampled (rate q; 1 = no sampling) Gaussian releases with multiplier sigma.
+
+  Over-full samples (cut to a random subset) are paid for one of two ways: `extra_delta` charged
+  outside the accountant (`dp.sampling.truncation_delta`), or, with `max_batch` > 0, in the
+  event itself (`accounting.truncated_dpsgd_event` on `dataset_size` records, PLD only).
+  """
   sampling_rate: float
   noise_multiplier: float
   releases: int
   extra_delta: float = 0.0
   source: str = "this run"
+  dataset_size: int = 0
+  max_batch: int = 0
 
   def event(self):
+    if self.max_batch:
+      return accounting.truncated_dpsgd_event(self.dataset_size, self.sampling_rate,
+                                              self.max_batch, self.noise_multiplier,
+                                              self.releases)
     return accounting.dpsgd_event(self.sampling_rate, self.noise_multiplier, self.releases)
 
   def to_dict(self) -> dict:
@@ -37,7 +48,8 @@ class Segment:
   @classmethod
   def from_dict(cls, d: dict) -> "Segment":
     return cls(float(d["sampling_rate"]), float(d["noise_multiplier"]), int(d["releases"]),
-               float(d.get("extra_delta", 0.0)), str(d.get("source", "earlier run")))
+               float(d.get("extra_delta", 0.0)), str(d.get("source", "earlier run")),
+               int(d.get("dataset_size", 0)), int(d.get("max_batch", 0)))
 
 
 def segments_event(segments: Sequence[Segment]):
@@ -96,9 +108,9 @@ class Ledger:
   @classmethod
   def from_dict(cls, d: dict) -> "Ledger":
     version = d.get("ledger_version")
-    if version != LEDGER_VERSION:
-      raise ValueError(f"privacy ledger version {version!r}; this dplora_jax reads version "
-                       f"{LEDGER_VERSION}.")
+    if version not in READABLE_VERSIONS:
+      raise ValueError(f"privacy ledger version {version!r}; this dplora_jax reads versions "
+                       f"{', '.join(map(str, READABLE_VERSIONS))}.")
     return cls(int(d["rounds"]), tuple(LedgerEntry.from_dict(e) for e in d["entries"]))
 
   @classmethod

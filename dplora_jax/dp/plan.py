@@ -11,7 +11,15 @@ ledger of a starting adapter; never the data or the realised client sizes.
   q = data.batch_size / data.max_client_size (the same q for every client, so no client's sigma
   depends on another's size); the divisor is the public B and the physical batch is sized for a
   client of the public bound, so a neighbouring dataset (n_k +/- 1) changes none of them.
-  Truncation of over-full samples is charged to delta (`dp.sampling`).
+  Over-full samples are cut to a random `max_batch` subset and paid for by `dp.truncation`:
+  "accounted" (PLD): the event is dp-accounting's truncated-Poisson Gaussian on
+  max_client_size + 1 records (the neighbour that adds an example to a client at the bound), and
+  max_batch is the smallest multiple of the microbatch whose eps is within `dp.truncation_slack`
+  of the untruncated eps; sigma is then calibrated for that truncated event. Its eps grows with
+  the dataset size (more records, more cutting), so the bound covers every smaller client: checked
+  numerically (tests/dp/test_truncation.py), not proven here. "delta" (any accountant): the
+  coupling bound of `dp.sampling.truncation_delta` is charged to delta, which needs a max_batch
+  far in the tail (3.5x the expected batch on the demo).
 - "client" (dp.mode client / sample+client): DP-FedAvg (McMahan et al. 2018). Unit: one whole
   client (add/remove of its dataset). Each round is a Poisson-sampled (rate p) Gaussian on the sum
   of client updates clipped to S; client sampling is credited. With adaptive clipping (Andrew et
@@ -72,6 +80,8 @@ class Mechanism:
     accountant: "rdp" or "pld".
     epsilon: eps after all planned rounds (earlier runs included).
     extra_delta: this run's delta charged outside the accountant (truncation).
+    dataset_size, max_batch: with max_batch > 0 the releases are accounted as truncated-Poisson
+      samples of `dataset_size` records cut to `max_batch` (PLD).
     prior: segments of earlier runs on the same data (a starting adapter's ledger).
     details: mechanism-specific facts for the report (all JSON-serialisable).
   """
@@ -86,13 +96,16 @@ class Mechanism:
   accountant: str
   epsilon: float
   extra_delta: float = 0.0
+  dataset_size: int = 0
+  max_batch: int = 0
   prior: tuple[Segment, ...] = ()
   details: dict = dataclasses.field(default_factory=dict)
 
   def entry(self, rounds_done: int) -> LedgerEntry:
     """The ledger entry after `rounds_done` rounds of this run."""
     own = Segment(self.sampling_rate, self.noise_multiplier,
-                  rounds_done * self.releases_per_round, self.extra_delta)
+                  rounds_done * self.releases_per_round, self.extra_delta,
+                  dataset_size=self.dataset_size, max_batch=self.max_batch)
     return LedgerEntry(self.name, self.unit, self.accountant, self.accountant_delta,
                        self.prior + (own,))
 
@@ -144,10 +157,12 @@ class PrivacyPlan:
             "max_batch": self.max_batch, "public": self.public}
 
 
-def _event_fn(prior: tuple[Segment, ...], sampling_rate: float, releases: int):
+def _event_fn(prior: tuple[Segment, ...], sampling_rate: float, releases: int,
+              dataset_size: int = 0, max_batch: int = 0):
   """sigma -> the DpEvent of the prior segments and this run's `releases` (the same composition
   `Mechanism.entry` reports, so calibration and the ledger cannot disagree)."""
-  return lambda sigma: segments_event(prior + (Segment(sampling_rate, sigma, releases),))
+  return lambda sigma: segments_event(prior + (Segment(
+      sampling_rate, sigma, releases, dataset_size=dataset_size, max_batch=max_batch),))
 
 
 def _prior_budget(prior: tuple[Segment, ...], delta: float, field: str) -> float:
@@ -175,35 +190,77 @@ def _example(cfg, prior: tuple[Segment, ...]):
   steps = fed.rounds * fed.local_steps
   prior_extra = _prior_budget(prior, dp.delta, "dp.delta")
   budget = dp.delta - prior_extra
-  acc_delta = budget * (1.0 - dp.truncation_delta_fraction)
-  trunc_budget = budget * dp.truncation_delta_fraction
-  event = _event_fn(prior, q, steps)
-
-  if dp.noise_multiplier > 0:
-    sigma = float(dp.noise_multiplier)
-  else:
-    sigma = accounting.calibrate(event, dp.target_epsilon, acc_delta, dp.accountant,
-                                 what=f"over {steps} steps at q={q:.4g} ")
-  eps = accounting.epsilon(event(sigma), acc_delta, dp.accountant)
   mb = cfg.optim.microbatch_size
-  if dp.max_batch_size:
-    max_batch = int(math.ceil(dp.max_batch_size / mb) * mb)
+  truncation = dp.truncation_method
+  if truncation == "accounted":
+    if dp.accountant != "pld":
+      raise ValueError(f"dp.truncation='accounted' needs dp.accountant='pld' (got "
+                       f"{dp.accountant!r}): RDP cannot account truncated Poisson sampling.")
+    acc_delta, trunc_budget = budget, 0.0
   else:
-    max_batch = sampling.choose_max_batch(n_pub, q, steps, eps, trunc_budget, mb)
-  trunc = sampling.truncation_delta(n_pub, q, max_batch, steps, eps)
-  if trunc > trunc_budget:
-    raise ValueError(f"dp.max_batch_size={dp.max_batch_size} is too small: cutting over-full "
-                     f"Poisson samples would cost delta {trunc:.3g} > {trunc_budget:.3g}; raise it "
-                     "or set 0 (automatic).")
+    acc_delta = budget * (1.0 - dp.truncation_delta_fraction)
+    trunc_budget = budget * dp.truncation_delta_fraction
+  plain = _event_fn(prior, q, steps)
+
+  def sigma_for(event):
+    if dp.noise_multiplier > 0:
+      return float(dp.noise_multiplier)
+    return accounting.calibrate(event, dp.target_epsilon, acc_delta, dp.accountant,
+                                what=f"over {steps} steps at q={q:.4g} ")
+
+  sigma = sigma_for(plain)
+  size = n_pub + 1  # the neighbour that adds an example to a client at the public bound
+  if truncation == "accounted":
+    max_batch = (_round_up(dp.max_batch_size, mb) if dp.max_batch_size else
+                 _accounted_max_batch(prior, q, steps, size, sigma, acc_delta, b, mb,
+                                      dp.truncation_slack))
+    max_batch = min(max_batch, _round_up(size, mb))
+    event = _event_fn(prior, q, steps, size, max_batch)
+    sigma = sigma_for(event)
+    eps = accounting.epsilon(event(sigma), acc_delta, dp.accountant)
+    trunc = 0.0
+  else:
+    eps = accounting.epsilon(plain(sigma), acc_delta, dp.accountant)
+    if dp.max_batch_size:
+      max_batch = _round_up(dp.max_batch_size, mb)
+    else:
+      max_batch = sampling.choose_max_batch(n_pub, q, steps, eps, trunc_budget, mb)
+    trunc = sampling.truncation_delta(n_pub, q, max_batch, steps, eps)
+    if trunc > trunc_budget:
+      raise ValueError(f"dp.max_batch_size={dp.max_batch_size} is too small: cutting over-full "
+                       f"Poisson samples would cost delta {trunc:.3g} > {trunc_budget:.3g}; raise "
+                       "it, set 0 (automatic), or account it (dp.truncation='accounted').")
+  accounted = truncation == "accounted"
   mech = Mechanism(
       name="example", unit=UNITS["example"], sampling_rate=q, releases_per_round=fed.local_steps,
       rounds=fed.rounds, noise_multiplier=sigma, delta=acc_delta + trunc + prior_extra,
       accountant_delta=acc_delta, accountant=dp.accountant, epsilon=eps, extra_delta=trunc,
+      dataset_size=size if accounted else 0, max_batch=max_batch if accounted else 0,
       prior=prior,
       details={"clip_norm": dp.clip_norm, "expected_batch": b, "max_batch": max_batch,
-               "truncation_delta": trunc, "max_client_size": n_pub,
+               "truncation": truncation, "truncation_delta": trunc, "max_client_size": n_pub,
                "note": "client sampling not credited (conservative)"})
   return mech, DPSGD(float(dp.clip_norm), sigma, float(b)), max_batch
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return int(math.ceil(n / multiple) * multiple)
+
+
+def _accounted_max_batch(prior, q: float, steps: int, size: int, sigma: float, delta: float,
+                         expected: int, multiple: int, slack: float) -> int:
+  """The smallest multiple of `multiple` (>= the expected batch) whose truncated eps at `sigma`
+  is within `slack` of the untruncated eps (eps falls as max_batch grows: bisection)."""
+  untruncated = accounting.epsilon(_event_fn(prior, q, steps)(sigma), delta, "pld")
+  lo, hi = _round_up(expected, multiple) // multiple, _round_up(size, multiple) // multiple
+  while lo < hi:
+    mid = (lo + hi) // 2
+    e = accounting.epsilon(_event_fn(prior, q, steps, size, mid * multiple)(sigma), delta, "pld")
+    if e <= untruncated * (1 + slack):
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo * multiple
 
 
 def _client(cfg, prior: tuple[Segment, ...]):
