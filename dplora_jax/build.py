@@ -22,7 +22,8 @@ from dplora_jax.dp import plan as plan_lib, sampling
 from dplora_jax.dp.ledger import Ledger
 from dplora_jax.federated import partition as partition_lib
 from dplora_jax.metrics import tree_bytes
-from dplora_jax.models import ModelConfig, build_model, load_model, load_tokenizer
+from dplora_jax.models import (ModelConfig, build_model, configure_execution, load_model,
+                               load_tokenizer)
 
 # The config seed's children: model init only (DP randomness never comes from the config seed:
 # see `dp.randomness`).
@@ -64,8 +65,11 @@ def load_base(cfg: RunConfig):
                        intermediate_size=m.intermediate_size, tie_embeddings=True,
                        dtype=m.dtype, param_dtype=m.param_dtype)
     ident = hashlib.sha256(repr((arch, cfg.seed)).encode()).hexdigest()
-    return build_model(arch, seed=cfg.seed), tok, "random:" + ident, "<random init>"
+    model = configure_execution(build_model(arch, seed=cfg.seed), attention=m.attention,
+                                remat=m.remat)
+    return model, tok, "random:" + ident, "<random init>"
   loaded = load_model(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
+  configure_execution(loaded.model, attention=m.attention, remat=m.remat)
   return loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.path
 
 

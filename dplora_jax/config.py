@@ -45,11 +45,15 @@ class ModelSource:
   intermediate_size: int = 64  # random_init only
   dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
   param_dtype: str = "float32"  # storage dtype of the frozen weights
+  attention: str = "einsum"  # einsum, or dot_product (jax.nn.dot_product_attention; cuDNN on GPU)
+  remat: bool = False  # recompute each layer in the backward pass (less memory, more compute)
 
   def __post_init__(self):
     for f in ("dtype", "param_dtype"):
       _check(getattr(self, f) in ("float32", "bfloat16"), f"model.{f}", getattr(self, f),
              "'float32' or 'bfloat16'")
+    _check(self.attention in ("einsum", "dot_product"), "model.attention", self.attention,
+           "'einsum' or 'dot_product'")
 
 
 @dataclasses.dataclass(frozen=True)

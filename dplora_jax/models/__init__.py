@@ -6,6 +6,23 @@ from dplora_jax.models.loading import (ALIASES, LoadedModel, build_model, load_m
                                        load_tokenizer,
                                        resolve_path)
 
-__all__ = ["ALIASES", "FrozenLoRAParam", "LoRAParam", "LoadedModel", "ModelConfig",
+
+
+def configure_execution(model, *, attention: str = "einsum", remat: bool = False):
+  """Sets how `model` runs (attention implementation, layer rematerialisation) in place; the
+  function it computes is unchanged. Returns the model."""
+  import dataclasses
+  from flax import nnx
+  from dplora_jax.models.layers import ATTENTION_IMPLS
+  if attention not in ATTENTION_IMPLS:
+    raise ValueError(f"model.attention={attention!r}; expected one of {ATTENTION_IMPLS}.")
+  model.config = dataclasses.replace(model.config, attention=attention, remat=bool(remat))
+  for _, module in nnx.iter_modules(model):
+    if hasattr(module, "impl"):
+      module.impl = attention
+  return model
+
+
+__all__ = ["configure_execution", "ALIASES", "FrozenLoRAParam", "LoRAParam", "LoadedModel", "ModelConfig",
            "build_model", "from_hf_config", "load_model", "load_tokenizer",
            "resolve_path"]

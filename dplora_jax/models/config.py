@@ -39,6 +39,11 @@ class ModelConfig:
     param_dtype: dtype the weights are stored in.
     dtype: dtype the matmuls run in (logits and softmax are always float32).
     model_type: the Hugging Face model_type this came from (for export).
+    attention: "einsum" (our grouped einsum + fp32 softmax) or "dot_product"
+      (`jax.nn.dot_product_attention`: cuDNN flash attention on GPU, XLA elsewhere). Execution
+      only: the same function either way.
+    remat: recompute each layer's activations in the backward pass (`jax.checkpoint` on the
+      scanned block): activation memory of one layer instead of all, ~1/3 more compute.
   """
 
   family: str
@@ -58,6 +63,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   model_type: str = "llama"
+  attention: str = "einsum"
+  remat: bool = False
 
   def __post_init__(self):
     if self.family not in FAMILIES:

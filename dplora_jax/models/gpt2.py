@@ -30,6 +30,7 @@ class Attention(nnx.Module):
     kw = dict(stack=stack, param_dtype=cfg.jnp_param_dtype, dtype=cfg.jnp_dtype, rngs=rngs)
     d = cfg.hidden_size
     self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+    self.impl = cfg.attention
     self.c_attn = layers.Dense(d, 3 * d, use_bias=True, **kw)
     self.c_proj = layers.Dense(d, d, use_bias=True, **kw)
 
@@ -40,7 +41,7 @@ class Attention(nnx.Module):
     if cache is not None:
       k, v = layers.update_cache(cache["k"], cache["v"], k, v, query_index[0])
       cache = {"k": k, "v": v}
-    out = layers.attention(q, k, v, key_mask, query_index)
+    out = layers.attention(q, k, v, key_mask, query_index, self.impl)
     return self.c_proj(out.reshape(b, t, d)), cache
 
 
@@ -104,7 +105,7 @@ class GPT2(nnx.Module):
     def layer(block, x, layer_cache):
       return block(x, key_mask, query_index, layer_cache)
 
-    x, new_cache = layers.scan_blocks(self.layers, x, cache, layer)
+    x, new_cache = layers.scan_blocks(self.layers, x, cache, layer, remat=self.config.remat)
     if logits_at is not None:  # only these positions reach the head (and the softmax after it)
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     logits = self.wte.attend(self.ln_f(x)).astype(jnp.float32)

@@ -140,8 +140,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+ATTENTION_IMPLS = ("einsum", "dot_product")
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array,
-              query_index: jax.Array) -> jax.Array:
+              query_index: jax.Array, impl: str = "einsum") -> jax.Array:
   """Causal grouped-query attention.
 
   Args:
@@ -149,15 +152,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array,
     k, v: [B, S, Hkv, hd] keys/values (S = T without a cache, the cache length with one).
     key_mask: [B, S] bool, True where the key is a real (non-padding) token.
     query_index: [T] int, index of each query along the key axis (causality: key <= query).
+    impl: "einsum" or "dot_product" (`jax.nn.dot_product_attention`; same values).
 
   Returns:
     [B, T, Hq, hd].
   """
   b, t, hq, hd = q.shape
   hkv = k.shape[2]
+  causal = jnp.arange(k.shape[1])[None, :] <= query_index[:, None]  # [T, S]
+  if impl == "dot_product":
+    allowed = causal[None, None] & key_mask[:, None, None, :]  # [B, 1, T, S]
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed).astype(q.dtype)
+  if impl != "einsum":
+    raise ValueError(f"model.attention={impl!r}; expected one of {ATTENTION_IMPLS}.")
   q = q.reshape(b, t, hkv, hq // hkv, hd)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(hd)
-  causal = jnp.arange(k.shape[1])[None, :] <= query_index[:, None]  # [T, S]
   allowed = causal[None, None, None] & key_mask[:, None, None, None, :]
   scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -174,7 +183,8 @@ def update_cache(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Ar
 
 
 def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer: PyTree,
-                fn: Callable[[nnx.Module, jax.Array, PyTree], tuple[jax.Array, PyTree]]):
+                fn: Callable[[nnx.Module, jax.Array, PyTree], tuple[jax.Array, PyTree]],
+                remat: bool = False):
   """Runs stacked `blocks` over x with `jax.lax.scan` (one traced layer, any depth).
 
   Args:
@@ -182,6 +192,8 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer: PyTree,
     x: the carried activations.
     per_layer: a pytree with a leading layer axis scanned alongside (e.g. the KV cache), or None.
     fn: (block for one layer, x, per_layer slice) -> (x, per-layer output).
+    remat: recompute the layer in the backward pass (`jax.checkpoint`, nothing saved inside it):
+      only the carried activations between layers are stored.
 
   Returns:
     (x, stacked per-layer outputs).
@@ -193,4 +205,6 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer: PyTree,
     block = nnx.merge(graphdef, layer_state)
     return fn(block, carry, extra)
 
+  if remat:
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
   return jax.lax.scan(body, x, (state, per_layer))

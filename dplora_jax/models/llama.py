@@ -33,6 +33,7 @@ class Attention(nnx.Module):
     kw = dict(stack=stack, param_dtype=cfg.jnp_param_dtype, dtype=cfg.jnp_dtype, rngs=rngs)
     d, hd = cfg.hidden_size, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+    self.impl = cfg.attention
     self.q = layers.Dense(d, cfg.num_heads * hd, use_bias=cfg.attention_bias, **kw)
     self.k = layers.Dense(d, cfg.num_kv_heads * hd, use_bias=cfg.attention_bias, **kw)
     self.v = layers.Dense(d, cfg.num_kv_heads * hd, use_bias=cfg.attention_bias, **kw)
@@ -48,7 +49,7 @@ class Attention(nnx.Module):
     if cache is not None:
       k, v = layers.update_cache(cache["k"], cache["v"], k, v, query_index[0])
       cache = {"k": k, "v": v}
-    out = layers.attention(q, k, v, key_mask, query_index)
+    out = layers.attention(q, k, v, key_mask, query_index, self.impl)
     return self.o(out.reshape(b, t, -1)), cache
 
 
@@ -119,7 +120,8 @@ class Llama(nnx.Module):
     def layer(block, x, layer_cache):
       return block(x, positions, inv_freq, key_mask, query_index, layer_cache)
 
-    x, new_cache = layers.scan_blocks(self.layers, self.embed(tokens), cache, layer)
+    x, new_cache = layers.scan_blocks(self.layers, self.embed(tokens), cache, layer,
+                                         remat=cfg.remat)
     if logits_at is not None:  # only these positions reach the head (and the softmax after it)
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = self.norm(x)
