@@ -74,9 +74,15 @@ class DataConfig:
   # paper only).
   max_client_size: int = 0
   sampling: str = "poisson"  # poisson (required by DP) or shuffle (non-private baselines, paper)
+  # sequence-length buckets: each microbatch runs at the shortest of N lengths (multiples of 8
+  # up to max_length) that holds its examples; all N are compiled into the round ahead of time.
+  # 1 = always max_length. Needs fed.client_loop = map.
+  length_buckets: int = 3
 
   def __post_init__(self):
     _check(self.max_length >= 8, "data.max_length", self.max_length, ">= 8")
+    _check(1 <= self.length_buckets <= 16, "data.length_buckets", self.length_buckets,
+           "an integer in [1, 16]")
     _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
     _check(self.eval_examples >= 0, "data.eval_examples", self.eval_examples, ">= 0")
     _check(self.max_client_size >= 0, "data.max_client_size", self.max_client_size,
@@ -199,9 +205,15 @@ class FedConfig:
   weighting: str = "uniform"
   server_optimizer: str = "fedavg"  # fedavg (lr 1 = averaging) or fedadam
   server_lr: float = 1.0  # server learning rate
+  # the clients of one device: map (one after another; each runs only its own microbatches, at
+  # their length buckets) or vmap (batched: all run the largest client's microbatches at full
+  # length; can be faster on accelerators with many small clients)
+  client_loop: str = "map"
 
   def __post_init__(self):
     _check(self.num_clients >= 1, "fed.num_clients", self.num_clients, ">= 1")
+    _check(self.client_loop in ("map", "vmap"), "fed.client_loop", self.client_loop,
+           "'map' or 'vmap'")
     _check(self.rounds >= 1, "fed.rounds", self.rounds, ">= 1")
     _check(self.local_steps >= 1, "fed.local_steps", self.local_steps, ">= 1")
     _check(self.partition in PARTITIONS, "fed.partition", self.partition, f"one of {PARTITIONS}")
@@ -298,7 +310,9 @@ class RunConfig:
 TOP_LEVEL = {"seed", "log_every", "checkpoint_every", "checkpoint_keep", "private_diagnostics"}
 # Fields that change neither privacy nor shapes nor numerics: a resumed run may change them.
 RESUME_MAY_CHANGE = ("log_every", "checkpoint_every", "checkpoint_keep", "data.eval_examples",
-                     "data.eval_file")
+                     "data.eval_file",
+                     # execution only: how the same mechanism is computed
+                     "model.attention", "model.remat", "data.length_buckets", "fed.client_loop")
 RENAMED = {"dp.noise_seed": "dp.reproducible_seed"}
 _SECTIONS = {"model": ModelSource, "lora": LoRAConfig, "data": DataConfig, "dp": DPConfig,
              "fed": FedConfig, "optim": OptimConfig}

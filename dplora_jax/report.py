@@ -20,7 +20,7 @@ DIAGNOSTICS_WARNING = ("NON-PRIVATE DIAGNOSTICS: metrics.jsonl/TensorBoard hold 
 
 def summary(cfg, plan: plan_lib.PrivacyPlan, ledger: Ledger, comm: Communication, *,
             devices: int, max_batch: int, lora_params: int, before: dict, after: dict,
-            first_round_seconds, wall_seconds: float, randomness_source: str, a_frozen: bool,
+            first_round_seconds, wall_seconds: float, compile_seconds: float | None = None, randomness_source: str, a_frozen: bool,
             diagnostics: dict | None = None) -> dict:
   """Everything a consortium asks after a run, JSON-serialisable.
 
@@ -60,7 +60,8 @@ def summary(cfg, plan: plan_lib.PrivacyPlan, ledger: Ledger, comm: Communication
       "lora_params": lora_params, "lora_bytes": comm.lora_bytes, "a_frozen": a_frozen,
       "bytes_setup_down": comm.setup_down, "full_model_bytes": comm.full_model_bytes,
       "eval": {"before": before, "after": after},
-      "first_round_seconds": first_round_seconds, "wall_seconds": wall_seconds,
+      "first_round_seconds": first_round_seconds, "compile_seconds": compile_seconds,
+      "wall_seconds": wall_seconds,
       "seed": cfg.seed, "private_diagnostics": bool(diagnostics is not None),
   }
   if public_participation:
@@ -138,6 +139,8 @@ def format_summary(s: dict) -> str:
       f"  sent up {_size(s['bytes_up_total'])}{' (expected)' if s['bytes_are_expected'] else ''} "
       f"(LoRA {_size(s['lora_bytes'])} per client per round; full model "
       f"{_size(s['full_model_bytes'])}: {ratio:.2%} of sending it)",
-      f"  wall time {s['wall_seconds']:.0f} s",
+      f"  wall time {s['wall_seconds']:.0f} s"
+      + (f" (round compiled ahead of time in {s['compile_seconds']:.1f} s)"
+         if s.get("compile_seconds") is not None else ""),
   ]
   return "\n".join(lines)

@@ -58,6 +58,12 @@ class ClientSpec:
     diagnostics: also compute unnoised statistics of the private batch (never by default).
     loss_positions: P > 0: the loss's head and softmax run at P answer positions only (the
       longest answer); 0: at every position.
+    length_buckets: ascending sequence lengths (the last = the data's T): each microbatch runs
+      at the shortest that holds its longest example (`lax.switch`; `data.buckets` sorts the
+      sample by length so microbatches are alike). () = always the full T.
+    client_loop: "map" (the clients of a device one after another: each runs only its own
+      microbatches, and a bucket's branch alone) or "vmap" (batched; every client runs the
+      largest client's microbatches, and buckets are ignored).
   """
   microbatch: int
   local_steps: int
@@ -65,31 +71,46 @@ class ClientSpec:
   paper: PaperGroups | None = None
   diagnostics: bool = False
   loss_positions: int = 0
+  length_buckets: tuple[int, ...] = ()
+  client_loop: str = "map"
 
   def __post_init__(self):
     if self.dpsgd is not None and self.paper is not None:
       raise ValueError("a client step uses one mechanism: dpsgd or paper, not both.")
+    if self.client_loop not in ("map", "vmap"):
+      raise ValueError(f"fed.client_loop={self.client_loop!r}; expected 'map' or 'vmap'.")
+    if list(self.length_buckets) != sorted(set(self.length_buckets)):
+      raise ValueError(f"length buckets {self.length_buckets} must be strictly ascending.")
+
+  @property
+  def buckets(self) -> tuple[int, ...]:
+    """The buckets the step switches between (none under vmap, where a switch runs them all)."""
+    return self.length_buckets if self.client_loop == "map" else ()
 
   @property
   def mechanism(self) -> str:
     return "sample" if self.dpsgd else ("paper" if self.paper else "none")
 
   @classmethod
-  def from_plan(cls, plan, cfg, loss_positions: int = 0) -> "ClientSpec":
+  def from_plan(cls, plan, cfg, loss_positions: int = 0,
+                length_buckets: tuple[int, ...] = ()) -> "ClientSpec":
     """The client step of `cfg` with the mechanism its privacy plan built."""
     return cls(microbatch=cfg.optim.microbatch_size, local_steps=cfg.fed.local_steps,
                dpsgd=plan.dpsgd, paper=plan.paper, diagnostics=cfg.private_diagnostics,
-               loss_positions=loss_positions)
+               loss_positions=loss_positions, length_buckets=tuple(length_buckets),
+               client_loop=cfg.fed.client_loop)
 
 
 def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
-                          valid: jax.Array):
+                          valid: jax.Array, bucket: jax.Array | None = None):
   """Sum over valid examples of (clipped, with DP-SGD) per-example gradients, in microbatches.
 
   Args:
-    batch: dict of [Bmax, T] arrays (tokens, mask, targets, loss_mask).
+    batch: dict of [Bmax, T] arrays (tokens, mask, targets, loss_mask), right-padded.
     valid: [Bmax] bool (any layout; rows first is fastest). Bmax is a multiple of the
       microbatch size.
+    bucket: [Bmax / microbatch] int32, each microbatch's index into `spec.buckets` (its rows'
+      real tokens all lie within that length), or None (full T).
 
   Returns:
     (grad_sum pytree, stats dict: loss_sum, count, clipped; all private).
@@ -100,6 +121,14 @@ def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
   loss_fn = functools.partial(example_loss, positions=spec.loss_positions)
   grad_fn = jax.vmap(jax.value_and_grad(loss_fn, argnums=1),
                      in_axes=(None, None, None, 0, 0, 0, 0))
+
+  def grads_at(length, b):
+    # right padding: cutting the columns after `length` removes only padding (causal attention,
+    # positions from the mask), so the values are those of the full row
+    b = jax.tree.map(lambda x: x[:, :length], b) if length else b
+    return grad_fn(graphdef, lora, frozen, b["tokens"], b["mask"], b["targets"], b["loss_mask"])
+
+  branches = [functools.partial(grads_at, n) for n in spec.buckets]
   mb = spec.microbatch
   # Microbatches after the last valid row hold only padding: a while loop skips them (the sampler
   # puts sampled rows first). Under vmap over clients it runs to the largest client's need;
@@ -111,8 +140,10 @@ def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * mb, mb)
     b = jax.tree.map(take, batch)
     v = take(valid)
-    losses, grads = grad_fn(graphdef, lora, frozen, b["tokens"], b["mask"], b["targets"],
-                            b["loss_mask"])
+    if len(branches) > 1 and bucket is not None:
+      losses, grads = jax.lax.switch(bucket[i], branches, b)
+    else:
+      losses, grads = grads_at(0, b)
     if spec.dpsgd is not None:
       clipped = clipping.clip_and_sum(grads, v, spec.dpsgd.clip_norm)
       summed, n_clipped = clipped.sum, clipped.clipped
@@ -128,7 +159,8 @@ def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
   return g, {"loss_sum": loss_sum, "count": jnp.sum(valid), "clipped": n_clipped}
 
 
-def privatized_gradient(graphdef, spec: ClientSpec, lora, frozen, batch, valid, key):
+def privatized_gradient(graphdef, spec: ClientSpec, lora, frozen, batch, valid, key,
+                        bucket=None):
   """One step's gradient estimate and its (private) statistics.
 
   DP-SGD: `DPSGD.release` of the clipped sum, (sum + N(0, (sigma C)^2)) / B. Paper:
@@ -136,7 +168,7 @@ def privatized_gradient(graphdef, spec: ClientSpec, lora, frozen, batch, valid, 
 
   Formal guarantee: that of the mechanism's `release` (see `dp.mechanisms`).
   """
-  g_sum, stats = per_example_grads_sum(graphdef, spec, lora, frozen, batch, valid)
+  g_sum, stats = per_example_grads_sum(graphdef, spec, lora, frozen, batch, valid, bucket)
   if spec.dpsgd is not None:
     grad = spec.dpsgd.release(key, g_sum)
     stats["signal_norm"] = clipping.global_norm(g_sum) / spec.dpsgd.divisor
@@ -160,13 +192,15 @@ def make_client_optimizer(name: str, learning_rate: float, weight_decay: float):
 
 
 def local_train(graphdef, spec: ClientSpec, tx: optax.GradientTransformation,
-                lora, frozen, data: dict, idx: jax.Array, valid: jax.Array, key: jax.Array):
+                lora, frozen, data: dict, idx: jax.Array, valid: jax.Array, key: jax.Array,
+                bucket: jax.Array | None = None):
   """Runs `local_steps` steps of one client from the global LoRA.
 
   Args:
     data: the client's examples, dict of [n_max, T] arrays.
     idx, valid: [S, Bmax] sampled indices and their mask.
     key: this client's noise key for this round; step s uses fold_in(key, s).
+    bucket: [S, Bmax / microbatch] microbatch length buckets (see `per_example_grads_sum`).
 
   Returns:
     (delta = local LoRA - global LoRA: the client's release, private statistics: {} unless
@@ -174,18 +208,22 @@ def local_train(graphdef, spec: ClientSpec, tx: optax.GradientTransformation,
   """
   opt_state = tx.init(lora)
 
+  if bucket is None:
+    bucket = jnp.zeros(idx.shape[:1] + (idx.shape[1] // spec.microbatch,), jnp.int32) + max(
+        len(spec.buckets) - 1, 0)
+
   def step(carry, xs):
     params, opt_state = carry
-    s, step_idx, step_valid = xs
+    s, step_idx, step_valid, step_bucket = xs
     batch = jax.tree.map(lambda a: jnp.take(a, step_idx, axis=0), data)
     grad, stats = privatized_gradient(graphdef, spec, params, frozen, batch, step_valid,
-                                      jax.random.fold_in(key, s))
+                                      jax.random.fold_in(key, s), step_bucket)
     updates, opt_state = tx.update(grad, opt_state, params)
     params = optax.apply_updates(params, updates)
     return (params, opt_state), (stats if spec.diagnostics else {})
 
   (local, _), stats = jax.lax.scan(step, (lora, opt_state),
-                                   (jnp.arange(spec.local_steps), idx, valid))
+                                   (jnp.arange(spec.local_steps), idx, valid, bucket))
   delta = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), local, lora)
   if not spec.diagnostics:
     return delta, {}

@@ -54,7 +54,8 @@ def init_state(lora: PyTree, server_tx: optax.GradientTransformation,
 
 def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx, mesh,
                     client_dp: ClientDP | None = None):
-  """Builds `round_step(state, frozen, data, idx, valid, weights, client_ids, noise_key)`.
+  """Builds `round_step(state, frozen, data, idx, valid, weights, client_ids, noise_key,
+  buckets=None)`.
 
   Args:
     graphdef, spec, client_tx: the client's model definition, mechanism and optimizer.
@@ -71,6 +72,8 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
     weights: [K] float aggregation weights; 0 for unsampled and padding clients (1 for
       participants under client-level DP).
     client_ids: [K] int32 global client ids (noise keys derive from them).
+    buckets: [K, S, Bmax / microbatch] int32 microbatch length buckets (`data.buckets`), or None
+      (every microbatch at the full length).
     noise_key: the run's secret DP-noise key. It feeds two streams only: clients use
       fold_in(fold_in(fold_in(noise_key, 0), r), client_id), then fold_in(., step); the server
       uses fold_in(fold_in(noise_key, 1), r).
@@ -88,10 +91,15 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
   """
   local = functools.partial(client_lib.local_train, graphdef, spec, client_tx)
 
-  def per_device(lora, frozen, data, idx, valid, weights, client_ids, round_key, client_clip):
+  def per_device(lora, frozen, data, idx, valid, weights, client_ids, round_key, client_clip,
+                 buckets):
     keys = jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
-    deltas, stats = jax.vmap(local, in_axes=(None, None, 0, 0, 0, 0))(
-        lora, frozen, data, idx, valid, keys)
+    if spec.client_loop == "map":  # one client after another: each runs only its own work
+      deltas, stats = jax.lax.map(lambda xs: local(lora, frozen, *xs),
+                                  (data, idx, valid, keys, buckets))
+    else:
+      deltas, stats = jax.vmap(local, in_axes=(None, None, 0, 0, 0, 0, 0))(
+          lora, frozen, data, idx, valid, keys, buckets)
     take = weights > 0
     sums = {k: jnp.sum(jnp.where(take, v, 0.0)) for k, v in stats.items()}
     sums["participants"] = jnp.sum(take.astype(jnp.float32))
@@ -104,14 +112,19 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
 
   sharded = jax.shard_map(
       per_device, mesh=mesh,
-      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(), P()),
+      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(), P(), P(AXIS)),
       out_specs=P(), check_vma=False)  # client scans start from replicated zeros
 
-  def round_step(state: RoundState, frozen, data, idx, valid, weights, client_ids, noise_key):
+  def round_step(state: RoundState, frozen, data, idx, valid, weights, client_ids, noise_key,
+                 buckets=None):
     client_key = jax.random.fold_in(jax.random.fold_in(noise_key, 0), state.round)
     server_key = jax.random.fold_in(jax.random.fold_in(noise_key, 1), state.round)
+    if buckets is None:  # every microbatch at the full length
+      buckets = jax.sharding.reshard(
+          jnp.full(idx.shape[:2] + (idx.shape[2] // spec.microbatch,),
+                   max(len(spec.buckets) - 1, 0), jnp.int32), NamedSharding(mesh, P(AXIS)))
     summed, sums = sharded(state.lora, frozen, data, idx, valid, weights, client_ids,
-                           client_key, state.client_clip)
+                           client_key, state.client_clip, buckets)
     public, client_clip = {}, state.client_clip
     if client_dp is None:
       denom = jnp.maximum(sums["weight"], 1e-12)
