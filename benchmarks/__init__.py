@@ -1,0 +1,1 @@
+"""Benchmark scripts (python -m benchmarks.NAME); results in docs/benchmarks.md."""

@@ -1,0 +1,72 @@
+"""Useful FLOPs of a LoRA training step and the measured float32 matmul peak of this machine.
+
+Useful FLOPs (analytic, matmuls only, as MFU is usually counted): the forward pass
+2 * tokens * (q, k, v, o, gate, up, down weights) per layer + causal attention's two
+T x T products (counted in full: every implementation here computes the masked half too) + the
+LM head at the positions that reach it; the backward pass of a LoRA step needs activation
+gradients through every frozen matmul (the same FLOPs again) but no frozen weight gradients;
+LoRA's own matmuls (rank r) are added for forward, activation and weight gradients. The DP step's
+clipping and noise are not counted (they are the overhead being measured).
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def step_flops(cfg, batch: int, seq: int, head_positions: int, rank: int,
+               targets=("q", "k", "v")) -> float:
+  """Useful FLOPs of one LoRA training step on `batch` x `seq` tokens (see module docstring).
+
+  `cfg` is a dplora_jax ModelConfig; `head_positions` are the positions per example whose logits
+  are computed (seq for a full-sequence loss).
+  """
+  d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+  shapes = {"q": (d, cfg.num_heads * hd), "k": (d, cfg.num_kv_heads * hd),
+            "v": (d, cfg.num_kv_heads * hd), "o": (cfg.num_heads * hd, d),
+            "gate": (d, f), "up": (d, f), "down": (f, d)}
+  tokens = batch * seq
+  per_layer = sum(a * b for a, b in shapes.values())
+  frozen_fwd = 2 * tokens * per_layer * cfg.num_layers
+  attention_fwd = 2 * 2 * batch * seq * seq * cfg.num_heads * hd * cfg.num_layers
+  head_fwd = 2 * batch * head_positions * d * cfg.vocab_size
+  lora_fwd = sum(2 * tokens * rank * (a + b) for n, (a, b) in shapes.items()
+                 if n in targets) * cfg.num_layers
+  # backward: activation grads of everything (= forward), weight grads of LoRA only (= LoRA fwd)
+  return 2 * (frozen_fwd + attention_fwd + head_fwd + lora_fwd) + lora_fwd
+
+
+def matmul_peak_jax(sizes=((1024, 576, 1536), (1024, 1536, 576), (2048, 2048, 2048)),
+                    seconds: float = 2.0) -> float:
+  """The best float32 FLOP/s of XLA:CPU matmuls of the model's and a square shape."""
+  import jax
+  import jax.numpy as jnp
+  best = 0.0
+  for m, k, n in sizes:
+    a = jnp.ones((m, k), jnp.float32)
+    b = jnp.ones((k, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+      f(a, b).block_until_ready()
+      reps += 1
+    best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
+  return best
+
+
+def matmul_peak_torch(sizes=((1024, 576, 1536), (1024, 1536, 576), (2048, 2048, 2048)),
+                      seconds: float = 2.0) -> float:
+  """The same measurement with PyTorch's CPU matmul."""
+  import torch
+  best = 0.0
+  with torch.no_grad():
+    for m, k, n in sizes:
+      a, b = torch.ones(m, k), torch.ones(k, n)
+      a @ b
+      reps, t0 = 0, time.perf_counter()
+      while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+      best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
+  return best

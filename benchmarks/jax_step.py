@@ -1,0 +1,100 @@
+"""One dplora_jax LoRA step (non-private or DP-SGD), timed in its own process; prints JSON.
+
+  python -m benchmarks.jax_step --workload demo [--dp] [--batch 8] [--seq 128] [--rank 8]
+      [--microbatch 8] [--remat] [--attention einsum|dot_product] [--dtype float32]
+
+Non-private: jax.grad of the batch-mean loss. DP: per-example gradients (vmap) in microbatches,
+per-example clipping to C = 1 over the whole LoRA tree, Gaussian noise sigma = 1, divided by B
+(`dplora_jax.federated.client.privatized_gradient`). Both then take an SGD step. Used by
+`python -m benchmarks.compare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import flops as flops_lib, workloads
+from dplora_jax import lora as lora_lib, models
+from dplora_jax.dp.mechanisms import DPSGD
+from dplora_jax.federated import client as client_lib
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--model", default="smollm2-135m-instruct")
+  p.add_argument("--workload", default="demo", choices=workloads.WORKLOADS)
+  p.add_argument("--dp", action="store_true")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--rank", type=int, default=8)
+  p.add_argument("--microbatch", type=int, default=8)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--attention", default="einsum")
+  args = p.parse_args()
+
+  loaded = models.load_model(args.model, dtype=args.dtype, with_tokenizer=False)
+  model = models.configure_execution(loaded.model, attention=args.attention, remat=args.remat)
+  lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=args.rank), jax.random.key(0))
+  graphdef, lora, frozen = lora_lib.split(model)
+  b, t = args.batch, args.seq
+  batch = workloads.batch(args.workload, loaded.config.vocab_size, b, t)
+  positions = 1 if args.workload == "demo" else 0  # the sparse head where the loss allows it
+  tx = optax.sgd(0.1)
+
+  def nonprivate(lora, frozen, batch, key):
+    def loss(l):
+      fn = functools.partial(client_lib.example_loss, positions=positions)
+      per = jax.vmap(fn, in_axes=(None, None, None, 0, 0, 0, 0))(
+          graphdef, l, frozen, batch["tokens"], batch["mask"], batch["targets"],
+          batch["loss_mask"])
+      return jnp.mean(per)
+    g = jax.grad(loss)(lora)
+    updates, _ = tx.update(g, tx.init(lora), lora)
+    return optax.apply_updates(lora, updates)
+
+  spec = client_lib.ClientSpec(microbatch=min(args.microbatch, b), local_steps=1,
+                               dpsgd=DPSGD(clip_norm=1.0, noise_multiplier=1.0, divisor=float(b)),
+                               loss_positions=positions)
+  valid = np.ones((b,), bool)
+
+  def private(lora, frozen, batch, key):
+    g, _ = client_lib.privatized_gradient(graphdef, spec, lora, frozen, batch, valid, key)
+    updates, _ = tx.update(g, tx.init(lora), lora)
+    return optax.apply_updates(lora, updates)
+
+  fn = jax.jit(private if args.dp else nonprivate)
+  key = jax.random.key(1)
+  t0 = time.perf_counter()
+  compiled = fn.lower(lora, frozen, batch, key).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  jax.block_until_ready(compiled(lora, frozen, batch, key))
+  times = []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(lora, frozen, batch, key))
+    times.append(time.perf_counter() - t0)
+  useful = flops_lib.step_flops(loaded.config, b, t, workloads.head_positions(args.workload, t),
+                                args.rank)
+  print(json.dumps({
+      "impl": "jax", "dp": args.dp, "workload": args.workload, "step_s": float(np.median(times)),
+      "compile_s": compile_s, "useful_flops": useful,
+      "xla_flops": float((cost or {}).get("flops", float("nan"))),
+      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "device": jax.devices()[0].device_kind}))
+
+
+if __name__ == "__main__":
+  main()
