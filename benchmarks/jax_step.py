@@ -12,32 +12,21 @@ per-example clipping to C = 1 over the whole LoRA tree, Gaussian noise sigma = 1
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import resource
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks import flops as flops_lib, workloads
 from dplora_jax import lora as lora_lib, models
-from dplora_jax.dp.mechanisms import DPSGD
-from dplora_jax.federated import client as client_lib
 
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--model", default="smollm2-135m-instruct")
-  p.add_argument("--workload", default="demo", choices=workloads.WORKLOADS)
-  p.add_argument("--dp", action="store_true")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--rank", type=int, default=8)
+  workloads.add_shape_args(p)
   p.add_argument("--microbatch", type=int, default=8)
-  p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--remat", action="store_true")
   p.add_argument("--attention", default="einsum")
@@ -50,29 +39,7 @@ def main():
   b, t = args.batch, args.seq
   batch = workloads.batch(args.workload, loaded.config.vocab_size, b, t)
   positions = 1 if args.workload == "demo" else 0  # the sparse head where the loss allows it
-  tx = optax.sgd(0.1)
-
-  def nonprivate(lora, frozen, batch, key):
-    def loss(l):
-      fn = functools.partial(client_lib.example_loss, positions=positions)
-      per = jax.vmap(fn, in_axes=(None, None, None, 0, 0, 0, 0))(
-          graphdef, l, frozen, batch["tokens"], batch["mask"], batch["targets"],
-          batch["loss_mask"])
-      return jnp.mean(per)
-    g = jax.grad(loss)(lora)
-    updates, _ = tx.update(g, tx.init(lora), lora)
-    return optax.apply_updates(lora, updates)
-
-  spec = client_lib.ClientSpec(microbatch=min(args.microbatch, b), local_steps=1,
-                               dpsgd=DPSGD(clip_norm=1.0, noise_multiplier=1.0, divisor=float(b)),
-                               loss_positions=positions)
-  valid = np.ones((b,), bool)
-
-  def private(lora, frozen, batch, key):
-    g, _ = client_lib.privatized_gradient(graphdef, spec, lora, frozen, batch, valid, key)
-    updates, _ = tx.update(g, tx.init(lora), lora)
-    return optax.apply_updates(lora, updates)
-
+  nonprivate, private, _ = workloads.jax_steps(graphdef, b, args.microbatch, positions)
   fn = jax.jit(private if args.dp else nonprivate)
   key = jax.random.key(1)
   t0 = time.perf_counter()

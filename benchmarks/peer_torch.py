@@ -28,13 +28,7 @@ from benchmarks import flops as flops_lib, workloads
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--model", default="smollm2-135m-instruct")
-  p.add_argument("--workload", default="demo", choices=workloads.WORKLOADS)
-  p.add_argument("--dp", action="store_true")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--rank", type=int, default=8)
-  p.add_argument("--repeats", type=int, default=3)
+  workloads.add_shape_args(p)
   p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
   args = p.parse_args()
   warnings.filterwarnings("ignore")

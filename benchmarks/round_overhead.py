@@ -14,18 +14,16 @@ DP step = vmap per-example gradients of the LoRA tree, per-example clipping, Gau
 from __future__ import annotations
 
 import argparse
-import functools
 import resource
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import workloads
 from dplora_jax import lora as lora_lib
-from dplora_jax.dp.mechanisms import DPSGD
-from dplora_jax.federated import client as client_lib, round as round_lib
+from dplora_jax.federated import round as round_lib
 from dplora_jax.models import load_model
 
 
@@ -76,30 +74,10 @@ def main():
   batch["loss_mask"] = np.zeros((b, t), bool)
   p_ans = args.answer_tokens
   batch["loss_mask"][:, (t - 1 - p_ans if p_ans else t // 2):(t - 1 if p_ans else t)] = True
-  valid = np.ones((b,), bool)
+  nonprivate_step, dp_step, spec = workloads.jax_steps(graphdef, b, args.microbatch, p_ans)
   tx = optax.sgd(0.1)
-
-  def nonprivate_step(lora, frozen, batch):
-    def loss(l):
-      loss_fn = functools.partial(client_lib.example_loss, positions=p_ans)
-      per = jax.vmap(loss_fn, in_axes=(None, None, None, 0, 0, 0, 0))(
-          graphdef, l, frozen, batch["tokens"], batch["mask"], batch["targets"],
-          batch["loss_mask"])
-      return jnp.mean(per)
-    g = jax.grad(loss)(lora)
-    updates, _ = tx.update(g, tx.init(lora), lora)
-    return optax.apply_updates(lora, updates)
-
-  spec = client_lib.ClientSpec(microbatch=min(args.microbatch, b), local_steps=1,
-                               dpsgd=DPSGD(clip_norm=1.0, noise_multiplier=1.0, divisor=float(b)),
-                               loss_positions=p_ans)
-
-  def dp_step(lora, frozen, batch, key):
-    g, _ = client_lib.privatized_gradient(graphdef, spec, lora, frozen, batch, valid, key)
-    updates, _ = tx.update(g, tx.init(lora), lora)
-    return optax.apply_updates(lora, updates)
-
-  np_first, np_time = _time(jax.jit(nonprivate_step), lora, frozen, batch, repeats=args.repeats)
+  np_first, np_time = _time(jax.jit(nonprivate_step), lora, frozen, batch, jax.random.key(1),
+                            repeats=args.repeats)
   dp_first, dp_time = _time(jax.jit(dp_step), lora, frozen, batch, jax.random.key(1),
                             repeats=args.repeats)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, model {args.model}, "

@@ -31,3 +31,54 @@ def batch(workload: str, vocab: int, b: int, t: int, seed: int = 0) -> dict:
 def head_positions(workload: str, t: int) -> int:
   """Positions per example whose logits the loss needs."""
   return 1 if workload == "demo" else t
+
+
+def add_shape_args(parser, model: bool = True):
+  """The flags every benchmark script shares (model, workload, shape, repeats)."""
+  if model:
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+  parser.add_argument("--workload", default="demo", choices=WORKLOADS)
+  parser.add_argument("--dp", action="store_true")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq", type=int, default=128)
+  parser.add_argument("--rank", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=3)
+
+
+def jax_steps(graphdef, batch_size: int, microbatch: int, positions: int, lr: float = 0.1):
+  """(non-private step, DP step) of dplora_jax, each `(lora, frozen, batch, key) -> lora`.
+
+  Non-private: jax.grad of the batch-mean loss. DP: `client.privatized_gradient` (per-example
+  vmap in microbatches, clip C = 1, noise sigma = 1, divisor B). Both take an SGD step.
+  """
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from dplora_jax.dp.mechanisms import DPSGD
+  from dplora_jax.federated import client as client_lib
+  tx = optax.sgd(lr)
+  valid = np.ones((batch_size,), bool)
+
+  def nonprivate(lora, frozen, batch, key):
+    def loss(l):
+      fn = functools.partial(client_lib.example_loss, positions=positions)
+      per = jax.vmap(fn, in_axes=(None, None, None, 0, 0, 0, 0))(
+          graphdef, l, frozen, batch["tokens"], batch["mask"], batch["targets"],
+          batch["loss_mask"])
+      return jnp.mean(per)
+    updates, _ = tx.update(jax.grad(loss)(lora), tx.init(lora), lora)
+    return optax.apply_updates(lora, updates)
+
+  spec = client_lib.ClientSpec(
+      microbatch=min(microbatch, batch_size), local_steps=1, loss_positions=positions,
+      dpsgd=DPSGD(clip_norm=1.0, noise_multiplier=1.0, divisor=float(batch_size)))
+
+  def private(lora, frozen, batch, key):
+    g, _ = client_lib.privatized_gradient(graphdef, spec, lora, frozen, batch, valid, key)
+    updates, _ = tx.update(g, tx.init(lora), lora)
+    return optax.apply_updates(lora, updates)
+
+  return nonprivate, private, spec

@@ -14,7 +14,6 @@ import json
 import os
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
