@@ -70,3 +70,41 @@ def matmul_peak_torch(sizes=((1024, 576, 1536), (1024, 1536, 576), (2048, 2048, 
         reps += 1
       best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
   return best
+
+
+def model_matmul_shapes(cfg, tokens: int) -> dict[str, tuple[int, int, int]]:
+  """(m, k, n) of the frozen matmuls one layer runs on `tokens` rows: forward (x W) and the
+  activation backward (dY W^T), named by projection."""
+  d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+  fwd = {"q/o": (tokens, d, cfg.num_heads * hd), "k/v": (tokens, d, cfg.num_kv_heads * hd),
+         "gate/up": (tokens, d, f), "down": (tokens, f, d)}
+  out = {}
+  for name, (m, k, n) in fwd.items():
+    out[f"{name} fwd"] = (m, k, n)
+    out[f"{name} bwd"] = (m, n, k)
+  return out
+
+
+def main():
+  """Prints the float32 matmul FLOP/s XLA reaches on this machine for the model's own shapes
+  (the attainable peak of a step) next to the square 2048^3 peak.
+
+    python -m benchmarks.flops [--model smollm2-135m-instruct] [--tokens 1024]
+  """
+  import argparse
+  from dplora_jax.models import load_model
+  p = argparse.ArgumentParser()
+  p.add_argument("--model", default="smollm2-135m-instruct")
+  p.add_argument("--tokens", type=int, default=1024, help="rows per matmul (batch x seq)")
+  args = p.parse_args()
+  cfg = load_model(args.model, with_tokenizer=False).config
+  shapes = {"square 2048^3": (2048, 2048, 2048), **model_matmul_shapes(cfg, args.tokens)}
+  print("| matmul | m x k x n | XLA GFLOP/s |")
+  print("|---|---|---|")
+  for name, mkn in shapes.items():
+    print(f"| {name} | {' x '.join(map(str, mkn))} | "
+          f"{matmul_peak_jax((mkn,), seconds=1.0) / 1e9:.0f} |")
+
+
+if __name__ == "__main__":
+  main()

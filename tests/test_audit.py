@@ -52,7 +52,7 @@ def test_canaries_have_unique_one_token_answers():
 @pytest.fixture(scope="module")
 def audits(tmp_path_factory):
   out = {}
-  for name, arg in (("none", "mode=none"), ("dp", "mode=sample,eps=1,rounds=3,dp_seed=0")):
+  for name, arg in (("none", "mode=none"), ("dp", "mode=sample,eps=1,rounds=1,dp_seed=0")):
     wd = str(tmp_path_factory.mktemp(name))
     assert audit_cli.main(["--config", f"configs/audit.py:{arg}", "--workdir", wd,
                            "--canaries", "100", "--quiet"]) == 0

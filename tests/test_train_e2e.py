@@ -15,7 +15,7 @@ from dplora_jax import build, config as config_lib, lora as lora_lib, train
 def result(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("tiny"))
   # private diagnostics on: this test reads the (non-private) training loss
-  cfg = config_lib.from_config_dict(tiny.get_config("rounds=6,dp_seed=0,diagnostics=1"))
+  cfg = config_lib.from_config_dict(tiny.get_config("rounds=6,dp_seed=0,diagnostics=1,buckets=3"))
   res = train.run(cfg, wd, progress=False)
   return wd, cfg, res.summary, res
 
@@ -37,6 +37,7 @@ def test_loss_falls_and_lora_moves(result):
   a0, a1 = _factors(res.setup.lora, "a"), _factors(res.lora, "a")
   assert all(not np.array_equal(x, y) for x, y in zip(a0, a1))  # A trains too (fedavg)
   assert summary["private_diagnostics"] and "NON-PRIVATE" in summary["diagnostics"]["warning"]
+  assert summary["compile_seconds"] > 0  # the bucketed round was compiled before round 1
 
 
 def test_summary_consistent(result):
