@@ -29,11 +29,13 @@ def main():
   p.add_argument("--microbatch", type=int, default=8)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--remat", action="store_true")
+  p.add_argument("--remat-policy", default="nothing", choices=("nothing", "dots"))
   p.add_argument("--attention", default="einsum")
   args = p.parse_args()
 
   loaded = models.load_model(args.model, dtype=args.dtype, with_tokenizer=False)
-  model = models.configure_execution(loaded.model, attention=args.attention, remat=args.remat)
+  model = models.configure_execution(loaded.model, attention=args.attention, remat=args.remat,
+                                     remat_policy=args.remat_policy)
   lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=args.rank), jax.random.key(0))
   graphdef, lora, frozen = lora_lib.split(model)
   b, t = args.batch, args.seq

@@ -66,10 +66,11 @@ def load_base(cfg: RunConfig):
                        dtype=m.dtype, param_dtype=m.param_dtype)
     ident = hashlib.sha256(repr((arch, cfg.seed)).encode()).hexdigest()
     model = configure_execution(build_model(arch, seed=cfg.seed), attention=m.attention,
-                                remat=m.remat)
+                                remat=m.remat, remat_policy=m.remat_policy)
     return model, tok, "random:" + ident, "<random init>"
   loaded = load_model(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
-  configure_execution(loaded.model, attention=m.attention, remat=m.remat)
+  configure_execution(loaded.model, attention=m.attention, remat=m.remat,
+                      remat_policy=m.remat_policy)
   return loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.path
 
 

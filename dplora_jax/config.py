@@ -47,6 +47,9 @@ class ModelSource:
   param_dtype: str = "float32"  # storage dtype of the frozen weights
   attention: str = "einsum"  # einsum, or dot_product (jax.nn.dot_product_attention; cuDNN on GPU)
   remat: bool = False  # recompute each layer in the backward pass (less memory, more compute)
+  # with remat, what a layer keeps: nothing, or dots (its matmul outputs; on CPU faster than no
+  # remat at all: the elementwise ops are cheaper to recompute than to store and reload)
+  remat_policy: str = "nothing"
 
   def __post_init__(self):
     for f in ("dtype", "param_dtype"):
@@ -54,6 +57,8 @@ class ModelSource:
              "'float32' or 'bfloat16'")
     _check(self.attention in ("einsum", "dot_product"), "model.attention", self.attention,
            "'einsum' or 'dot_product'")
+    _check(self.remat_policy in ("nothing", "dots"), "model.remat_policy", self.remat_policy,
+           "'nothing' or 'dots'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +317,8 @@ TOP_LEVEL = {"seed", "log_every", "checkpoint_every", "checkpoint_keep", "privat
 RESUME_MAY_CHANGE = ("log_every", "checkpoint_every", "checkpoint_keep", "data.eval_examples",
                      "data.eval_file",
                      # execution only: how the same mechanism is computed
-                     "model.attention", "model.remat", "data.length_buckets", "fed.client_loop")
+                     "model.attention", "model.remat", "model.remat_policy",
+                     "data.length_buckets", "fed.client_loop")
 RENAMED = {"dp.noise_seed": "dp.reproducible_seed"}
 _SECTIONS = {"model": ModelSource, "lora": LoRAConfig, "data": DataConfig, "dp": DPConfig,
              "fed": FedConfig, "optim": OptimConfig}

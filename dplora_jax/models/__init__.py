@@ -8,15 +8,20 @@ from dplora_jax.models.loading import (ALIASES, LoadedModel, build_model, load_m
 
 
 
-def configure_execution(model, *, attention: str = "einsum", remat: bool = False):
+def configure_execution(model, *, attention: str = "einsum", remat: bool = False,
+                        remat_policy: str = "nothing"):
   """Sets how `model` runs (attention implementation, layer rematerialisation) in place; the
   function it computes is unchanged. Returns the model."""
   import dataclasses
   from flax import nnx
-  from dplora_jax.models.layers import ATTENTION_IMPLS
+  from dplora_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES
   if attention not in ATTENTION_IMPLS:
     raise ValueError(f"model.attention={attention!r}; expected one of {ATTENTION_IMPLS}.")
-  model.config = dataclasses.replace(model.config, attention=attention, remat=bool(remat))
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy={remat_policy!r}; expected one of "
+                     f"{tuple(REMAT_POLICIES)}.")
+  model.config = dataclasses.replace(model.config, attention=attention, remat=bool(remat),
+                                     remat_policy=remat_policy)
   for _, module in nnx.iter_modules(model):
     if hasattr(module, "impl"):
       module.impl = attention

@@ -44,6 +44,9 @@ class ModelConfig:
       only: the same function either way.
     remat: recompute each layer's activations in the backward pass (`jax.checkpoint` on the
       scanned block): activation memory of one layer instead of all, ~1/3 more compute.
+    remat_policy: what a rematerialised layer keeps: "nothing" (recompute everything) or "dots"
+      (keep the matmul outputs, recompute the elementwise ops: on CPU faster than no remat,
+      docs/benchmarks.md).
   """
 
   family: str
@@ -65,6 +68,7 @@ class ModelConfig:
   model_type: str = "llama"
   attention: str = "einsum"
   remat: bool = False
+  remat_policy: str = "nothing"
 
   def __post_init__(self):
     if self.family not in FAMILIES:

@@ -105,7 +105,8 @@ class GPT2(nnx.Module):
     def layer(block, x, layer_cache):
       return block(x, key_mask, query_index, layer_cache)
 
-    x, new_cache = layers.scan_blocks(self.layers, x, cache, layer, remat=self.config.remat)
+    x, new_cache = layers.scan_blocks(self.layers, x, cache, layer, remat=self.config.remat,
+                                    remat_policy=self.config.remat_policy)
     if logits_at is not None:  # only these positions reach the head (and the softmax after it)
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     logits = self.wte.attend(self.ln_f(x)).astype(jnp.float32)

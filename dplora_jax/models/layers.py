@@ -141,6 +141,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 ATTENTION_IMPLS = ("einsum", "dot_product")
+REMAT_POLICIES = {"nothing": "nothing_saveable", "dots": "dots_with_no_batch_dims_saveable"}
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array,
@@ -184,7 +185,7 @@ def update_cache(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Ar
 
 def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer: PyTree,
                 fn: Callable[[nnx.Module, jax.Array, PyTree], tuple[jax.Array, PyTree]],
-                remat: bool = False):
+                remat: bool = False, remat_policy: str = "nothing"):
   """Runs stacked `blocks` over x with `jax.lax.scan` (one traced layer, any depth).
 
   Args:
@@ -192,8 +193,9 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer: PyTree,
     x: the carried activations.
     per_layer: a pytree with a leading layer axis scanned alongside (e.g. the KV cache), or None.
     fn: (block for one layer, x, per_layer slice) -> (x, per-layer output).
-    remat: recompute the layer in the backward pass (`jax.checkpoint`, nothing saved inside it):
-      only the carried activations between layers are stored.
+    remat: recompute the layer in the backward pass (`jax.checkpoint`): with policy "nothing"
+      only the carried activations between layers are stored; with "dots" the layer's matmul
+      outputs are kept too and only the elementwise ops are recomputed.
 
   Returns:
     (x, stacked per-layer outputs).
@@ -206,5 +208,6 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer: PyTree,
     return fn(block, carry, extra)
 
   if remat:
-    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies,
+                                               REMAT_POLICIES[remat_policy]))
   return jax.lax.scan(body, x, (state, per_layer))

@@ -121,7 +121,8 @@ class Llama(nnx.Module):
       return block(x, positions, inv_freq, key_mask, query_index, layer_cache)
 
     x, new_cache = layers.scan_blocks(self.layers, self.embed(tokens), cache, layer,
-                                         remat=cfg.remat)
+                                         remat=cfg.remat,
+                                         remat_policy=cfg.remat_policy)
     if logits_at is not None:  # only these positions reach the head (and the softmax after it)
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = self.norm(x)

@@ -21,14 +21,15 @@ def _loss_and_grads(graphdef, lora, frozen, ex):
   return jax.jit(jax.value_and_grad(f))(lora)
 
 
-@pytest.mark.parametrize("attention,remat", [("dot_product", False), ("einsum", True),
-                                             ("dot_product", True)])
-def test_attention_and_remat_give_the_same_loss_and_gradients(attention, remat):
+@pytest.mark.parametrize("attention,remat,policy", [
+    ("dot_product", False, "nothing"), ("einsum", True, "nothing"), ("dot_product", True, "nothing"),
+    ("einsum", True, "dots")])
+def test_attention_and_remat_give_the_same_loss_and_gradients(attention, remat, policy):
   graphdef, lora, frozen = tiny.model_and_lora()
   ex = tiny.examples(6)  # padded rows of different lengths
   want_loss, want = _loss_and_grads(graphdef, lora, frozen, ex)
   model = models.configure_execution(nnx.merge(graphdef, lora, frozen), attention=attention,
-                                     remat=remat)
+                                     remat=remat, remat_policy=policy)
   loss, got = _loss_and_grads(nnx.graphdef(model), lora, frozen, ex)
   assert float(loss) == pytest.approx(float(want_loss), abs=1e-6)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -55,3 +56,5 @@ def test_unknown_attention_is_refused_by_name():
   graphdef, lora, frozen = tiny.model_and_lora()
   with pytest.raises(ValueError, match="model.attention='flash'"):
     models.configure_execution(nnx.merge(graphdef, lora, frozen), attention="flash")
+  with pytest.raises(ValueError, match="model.remat_policy='some'"):
+    models.configure_execution(nnx.merge(graphdef, lora, frozen), remat_policy="some")
