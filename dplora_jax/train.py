@@ -181,9 +181,9 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   # Ahead of time: every bucket's branch is compiled into this one program before round 1.
   t0 = time.time()
   shape = (slots, cfg.fed.local_steps, s.max_batch)
+  full_length = np.zeros(shape[:2] + (n_micro,), np.int32)  # bucket 0 of one bucket: max_length
   z_idx, z_valid, z_w, z_bucket = place(np.zeros(shape, np.int32), np.zeros(shape, bool),
-                                        np.zeros((slots,), np.float32),
-                                        np.zeros(shape[:2] + (n_micro,), np.int32))
+                                        np.zeros((slots,), np.float32), full_length)
   compiled = round_step.lower(state, frozen, data, z_idx, z_valid, z_w, client_ids, noise_key,
                               z_bucket).compile()
   compile_s = time.time() - t0
@@ -206,7 +206,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
       idx, valid = buckets_lib.order_by_length(idx, valid, lengths)
       bucket = buckets_lib.microbatch_buckets(idx, valid, lengths, spec.buckets, spec.microbatch)
     else:
-      bucket = np.zeros(shape[:2] + (n_micro,), np.int32)
+      bucket = full_length
     p_idx, p_valid, p_w, p_bucket = place(idx, valid, weights, bucket)
     state, metrics = compiled(state, frozen, data, p_idx, p_valid, p_w, client_ids, noise_key,
                               p_bucket)
