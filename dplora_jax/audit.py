@@ -26,7 +26,7 @@ from scipy import optimize, special, stats
 
 from dplora_jax.data import classification as data_lib
 from dplora_jax.models.tokenizer import encode
-from dplora_jax.tasks import classification as eval_lib
+from dplora_jax.tasks import scoring as eval_lib
 
 
 @dataclasses.dataclass

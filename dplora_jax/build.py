@@ -9,19 +9,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 from typing import Any
 
 import jax
-import numpy as np
 
 from dplora_jax import lora as lora_lib
 from dplora_jax.config import RunConfig
-from dplora_jax.data import classification as data_lib
+from dplora_jax import tasks
+from dplora_jax.data import classification as data_lib, io
 from dplora_jax.dp import plan as plan_lib, sampling
 from dplora_jax.dp.ledger import Ledger
 from dplora_jax.federated import partition as partition_lib
 from dplora_jax.metrics import tree_bytes
+from dplora_jax.tasks.scoring import ModelParts
 from dplora_jax.models import (ModelConfig, build_model, configure_execution, load_model,
                                load_tokenizer)
 
@@ -42,8 +42,8 @@ class Setup:
   frozen: Any
   tokenizer: Any
   clients: list  # per-client Examples
-  eval_examples: Any
-  answers: list
+  task: Any  # the `dplora_jax.tasks` Task
+  eval_items: list  # the task's held-out items (public)
   plan: plan_lib.PrivacyPlan
   max_batch: int
   rates: list  # per-client Poisson rates (the plan's public q in DP modes)
@@ -80,32 +80,35 @@ def load_run_tokenizer(cfg: RunConfig):
   return load_tokenizer(m.tokenizer or m.path if m.random_init else m.path)
 
 
-def _data_path(p: str, default: str) -> str:
-  p = p or default
-  return p if os.path.isabs(p) or os.path.exists(p) else data_lib.packaged(p)
+def eval_items(cfg: RunConfig, eval_file: str = "") -> list:
+  """The validated held-out items of the run's task (`data.eval_file`, or `eval_file`), cut to
+  the fixed subset of `data.eval_examples` (the same rows for every run and for `launch.eval`)."""
+  d = cfg.data
+  task = tasks.get(d.task)
+  records = io.subsample(task.read(eval_file or d.eval_file, "eval"), d.eval_examples, 1234)
+  return task.items(records, d)
 
 
 def records(cfg: RunConfig):
-  """Reads train and eval records and partitions the train records into clients."""
+  """(train items, eval items, client partition): the task's records read and validated (each
+  bad record named by file and line), before anything is partitioned."""
   d = cfg.data
-  train_records = data_lib.read_records(_data_path(d.train_file, "tfns/train.jsonl"))
-  eval_records = data_lib.read_records(_data_path(d.eval_file, "tfns/validation.jsonl"))
-  rng = np.random.default_rng(cfg.seed)
-  if d.max_train_examples and len(train_records) > d.max_train_examples:
-    keep = np.sort(rng.choice(len(train_records), d.max_train_examples, replace=False))
-    train_records = [train_records[i] for i in keep]
-  if d.eval_examples and len(eval_records) > d.eval_examples:
-    keep = np.sort(np.random.default_rng(1234).choice(len(eval_records), d.eval_examples,
-                                                      replace=False))  # fixed eval subset
-    eval_records = [eval_records[i] for i in keep]
-  labels = np.asarray([data_lib.label_id(r.get("label", 0), d.labels, "train data", i)
-                       for i, r in enumerate(train_records)], np.int64)
-  field_values = ([r.get(cfg.fed.partition_field) for r in train_records]
-                  if cfg.fed.partition == "field" else None)
+  task = tasks.get(d.task)
+  train_records = io.subsample(task.read(d.train_file, "train"), d.max_train_examples, cfg.seed)
+  train_items = task.items(train_records, d)
+  evals = eval_items(cfg)
+  labels = task.item_labels(train_items)
+  field_values = None
+  if cfg.fed.partition == "field":
+    missing = [i for i, r in enumerate(train_records) if cfg.fed.partition_field not in r]
+    if missing:
+      raise ValueError(f"{train_records.where(missing[0])}: no field "
+                       f"{cfg.fed.partition_field!r} (fed.partition_field).")
+    field_values = [r[cfg.fed.partition_field] for r in train_records]
   parts = partition_lib.partition(labels, cfg.fed.num_clients, method=cfg.fed.partition,
                                   alpha=cfg.fed.dirichlet_alpha, field_values=field_values,
                                   seed=cfg.seed)
-  return train_records, eval_records, parts
+  return train_items, evals, parts
 
 
 def effective_lora(cfg: RunConfig):
@@ -198,7 +201,8 @@ def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
   """
   d = cfg.data
   plan = privacy_plan(cfg)
-  train_records, eval_records, parts = records(cfg)
+  task = tasks.get(d.task)
+  train_items, evals, parts = records(cfg)
   extra_n = [len(e) for e in extra_train] if extra_train else [0] * len(parts)
   sizes = [len(p) + extra_n[i] for i, p in enumerate(parts)]
   check_client_sizes(cfg, sizes)
@@ -218,18 +222,25 @@ def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
   attach_lora(model, cfg)
   factor_bytes = lora_lib.factor_bytes(model)
   graphdef, lora, frozen = lora_lib.split(model)
-  kw = dict(labels=d.labels, prompt=d.prompt, max_length=d.max_length)
-  train = data_lib.build_examples(train_records, tok, source="train data", **kw)
-  evals = data_lib.build_examples(eval_records, tok, source="eval data", **kw)
+  train = task.train_examples(train_items, tok, d)
   clients = [train.subset(p) for p in parts]
   if extra_train:
     clients = [data_lib.concat([c, e]) for c, e in zip(clients, extra_train)]
-  answers = data_lib.label_token_ids(tok, d.labels)
-  # P comes from the public label words; every training example's answer must fit in it
-  loss_positions = max(len(a) for a in answers)
+  # P comes from public values (label words, data.max_answer_tokens); every training example's
+  # answer must fit in it
+  loss_positions = task.loss_positions(tok, d)
   longest = max(int(c.loss_mask.sum(1).max()) for c in clients if len(c))
   if longest > loss_positions:
-    raise ValueError(f"an example has {longest} answer tokens but the longest label "
-                     f"({max(d.labels, key=len)!r}) has {loss_positions}; check data.labels.")
-  return Setup(cfg, graphdef, lora, frozen, tok, clients, evals, answers, plan, max_batch, rates,
+    raise ValueError(f"an example has {longest} answer tokens but the task's loss covers "
+                     f"{loss_positions} (the longest label, or data.max_answer_tokens).")
+  return Setup(cfg, graphdef, lora, frozen, tok, clients, task, evals, plan, max_batch, rates,
                loss_positions, full_model_bytes, factor_bytes, model_path, fingerprint)
+
+
+def evaluate(s: Setup, lora, items: list | None = None) -> dict:
+  """The task's metrics of the model with `lora` on the held-out items (the run's by default):
+  the one evaluation path of the training loop and `launch.eval`."""
+  # on the host's default device: the round's mesh shardings stay out of evaluation programs
+  parts = ModelParts(s.graphdef, jax.device_get(lora), s.frozen)
+  return s.task.evaluate(parts, s.tokenizer, s.eval_items if items is None else items,
+                         s.cfg.data)

@@ -63,13 +63,20 @@ class ModelSource:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Task data: local jsonl/json/csv files with `text` and `label` fields."""
-  train_file: str = "tfns/train.jsonl"  # packaged TFNS copy, or a path
-  eval_file: str = "tfns/validation.jsonl"  # public held-out file, same fields
-  labels: tuple[str, ...] = ("negative", "positive", "neutral")  # label id -> answer (TFNS order)
+  """Task data: local files (jsonl, json, csv, parquet, a `datasets` directory) of a task."""
+  task: str = "tfns"  # a name of `dplora_jax.tasks` (tfns, fiqa_sa, fpb, boolq, medquad, ...)
+  # "" = the task's default; else a path, `PATH::train` / `PATH::test` (fixed-seed parts of one
+  # file) or a packaged name (e.g. "tfns/train.jsonl")
+  train_file: str = ""
+  eval_file: str = ""  # public held-out data, same fields
+  # sentiment tasks: label id -> answer word (TFNS order) and the FinGPT prompt
+  labels: tuple[str, ...] = ("negative", "positive", "neutral")
   prompt: str = ("Instruction: What is the sentiment of this tweet? Please choose an answer "
                  "from {negative/neutral/positive}.\nInput: {text}\nAnswer:")  # FinGPT
   max_length: int = 80  # tokens per example (the text is truncated, never the answer)
+  max_answer_tokens: int = 32  # choice / qa tasks: answers cut to this (the loss's positions)
+  eval_batch_size: int = 32  # rows per evaluation batch
+  max_new_tokens: int = 64  # qa tasks: greedy tokens generated per answer (0 = no ROUGE)
   max_train_examples: int = 0  # 0 = all
   eval_examples: int = 200  # fixed subset of the eval file (0 = all)
   batch_size: int = 8  # B: expected Poisson batch of a client of max_client_size; the divisor
@@ -85,7 +92,13 @@ class DataConfig:
   length_buckets: int = 3
 
   def __post_init__(self):
+    from dplora_jax import tasks
+    tasks.get(self.task)  # an unknown name raises, naming the closest ones
     _check(self.max_length >= 8, "data.max_length", self.max_length, ">= 8")
+    _check(1 <= self.max_answer_tokens < self.max_length, "data.max_answer_tokens",
+           self.max_answer_tokens, "in [1, data.max_length)")
+    _check(self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, ">= 1")
+    _check(self.max_new_tokens >= 0, "data.max_new_tokens", self.max_new_tokens, ">= 0")
     _check(1 <= self.length_buckets <= 16, "data.length_buckets", self.length_buckets,
            "an integer in [1, 16]")
     _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
@@ -262,6 +275,9 @@ class RunConfig:
   log_every: int = 1  # write metrics.jsonl every this many rounds
   checkpoint_every: int = 1  # save every this many rounds (0 = never); the last round always
   checkpoint_keep: int = 3  # keep the newest K checkpoints
+  # evaluate the released LoRA on the public held-out set every this many rounds (metrics.jsonl
+  # `eval`; 0 = before the first and after the last round only)
+  eval_every: int = 0
   # True: also log unnoised statistics of the private batches (training loss, clip fraction,
   # update norms, example counts, sampler overflows, round times). They are NOT covered by any eps;
   # the report says so. Local debugging only.
@@ -272,6 +288,7 @@ class RunConfig:
     _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every,
            ">= 0 (0 = never)")
     _check(self.checkpoint_keep >= 1, "checkpoint_keep", self.checkpoint_keep, ">= 1")
+    _check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
     dp, fed = self.dp, self.fed
     if dp.mode != "none" and fed.weighting != "uniform":
       raise ValueError(f"fed.weighting={fed.weighting!r} with dp.mode={dp.mode!r}: weighting by "
@@ -312,16 +329,28 @@ class RunConfig:
                        "'gaussian'.")
 
 
-TOP_LEVEL = {"seed", "log_every", "checkpoint_every", "checkpoint_keep", "private_diagnostics"}
+TOP_LEVEL = {"seed", "log_every", "checkpoint_every", "checkpoint_keep", "private_diagnostics",
+             "eval_every"}
 # Fields that change neither privacy nor shapes nor numerics: a resumed run may change them.
 RESUME_MAY_CHANGE = ("log_every", "checkpoint_every", "checkpoint_keep", "data.eval_examples",
-                     "data.eval_file",
+                     "data.eval_file", "data.eval_batch_size", "data.max_new_tokens", "eval_every",
                      # execution only: how the same mechanism is computed
                      "model.attention", "model.remat", "model.remat_policy",
                      "data.length_buckets", "fed.client_loop")
 RENAMED = {"dp.noise_seed": "dp.reproducible_seed"}
 _SECTIONS = {"model": ModelSource, "lora": LoRAConfig, "data": DataConfig, "dp": DPConfig,
              "fed": FedConfig, "optim": OptimConfig}
+
+
+def unknown_keys_message(unknown: list[str], known: list[str]) -> str:
+  """'unknown config key x (closest: a, b)' for each unknown key."""
+  import difflib
+  parts = []
+  for k in unknown:
+    close = difflib.get_close_matches(k, known, n=3, cutoff=0.4)
+    parts.append(f"{k} (closest: {', '.join(close)})" if close else k)
+  return (f"unknown config key{'s' if len(unknown) > 1 else ''} {'; '.join(parts)}; see "
+          "dplora_jax/config.py for every field.")
 
 
 def from_config_dict(cfg: Mapping[str, Any]) -> RunConfig:
@@ -341,15 +370,15 @@ def from_config_dict(cfg: Mapping[str, Any]) -> RunConfig:
         raise ValueError(f"config key {name}.{k} was renamed {RENAMED[f'{name}.{k}']} (it seeds "
                          "every source of DP randomness, not only the noise).")
     if unknown:
-      raise ValueError(f"unknown config keys {[f'{name}.{k}' for k in unknown]}; "
-                       f"known: {sorted(known)}.")
+      raise ValueError(unknown_keys_message([f"{name}.{k}" for k in unknown],
+                                            [f"{name}.{k}" for k in sorted(known)]))
     for k, v in section.items():
       if isinstance(v, list):
         section[k] = tuple(v)
     kwargs[name] = cls(**section)
   unknown = sorted(set(d) - TOP_LEVEL)
   if unknown:
-    raise ValueError(f"unknown config keys {unknown}.")
+    raise ValueError(unknown_keys_message(unknown, sorted(TOP_LEVEL | set(_SECTIONS))))
   return RunConfig(**kwargs, **d)
 
 

@@ -10,9 +10,11 @@ import numpy as np
 from flax import nnx
 
 
-def left_pad(prompts: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Left-pads token lists into tokens [B, P] int32 and mask [B, P] bool."""
-  width = max(len(p) for p in prompts)
+def left_pad(prompts: list[np.ndarray], pad_id: int,
+             width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists into tokens [B, P] int32 and mask [B, P] bool (P = the longest
+  prompt, or `width` when larger: a fixed width compiles once for many batches)."""
+  width = max(width, max(len(p) for p in prompts))
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   mask = np.zeros((len(prompts), width), bool)
   for i, p in enumerate(prompts):
@@ -52,7 +54,8 @@ def _generate(graphdef, state, tokens, mask, key, temperature, *, max_new_tokens
 
 
 def generate(model: nnx.Module, prompts: list[np.ndarray], *, max_new_tokens: int, eos_id: int,
-             pad_id: int, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+             pad_id: int, temperature: float = 0.0, seed: int = 0,
+             width: int = 0) -> list[list[int]]:
   """Generates up to `max_new_tokens` after each prompt (greedy when temperature == 0).
 
   Args:
@@ -60,13 +63,14 @@ def generate(model: nnx.Module, prompts: list[np.ndarray], *, max_new_tokens: in
     prompts: token id arrays (different lengths are left-padded).
     eos_id: generation of a row stops after this token (it is included in the output).
     pad_id: fills prompt padding and finished rows.
+    width: left-pad prompts to at least this many tokens (fixed shapes: one compile).
 
   Returns:
     The new token ids per prompt, ending at eos if it was produced.
   """
   if max_new_tokens <= 0:
     raise ValueError(f"max_new_tokens={max_new_tokens}; expected > 0.")
-  tokens, mask = left_pad(prompts, pad_id)
+  tokens, mask = left_pad(prompts, pad_id, width)
   graphdef, state = nnx.split(model)
   out = np.asarray(_generate(graphdef, state, tokens, mask, jax.random.key(seed),
                              jnp.float32(temperature), max_new_tokens=max_new_tokens,

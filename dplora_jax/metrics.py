@@ -62,7 +62,13 @@ class TensorBoardWriter:
 
   def write(self, record: dict):
     step = int(record["round"])
+    flat = {}
     for k, v in record.items():
+      if isinstance(v, dict):  # e.g. eval: {"accuracy": ...} -> eval/accuracy
+        flat |= {f"{k}/{kk}": vv for kk, vv in v.items()}
+      else:
+        flat[k] = v
+    for k, v in flat.items():
       if k != "round" and isinstance(v, (int, float)) and np.isfinite(v):
         self.writer.add_scalar(k, float(v), step)
     self.writer.flush()

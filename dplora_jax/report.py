@@ -39,7 +39,7 @@ def summary(cfg, plan: plan_lib.PrivacyPlan, ledger: Ledger, comm: Communication
   expected_clients = cfg.fed.client_rate * cfg.fed.num_clients
   public_participation = release.participation_is_public(cfg.dp.mode)
   out = {
-      "mode": cfg.dp.mode, "aggregation": cfg.fed.aggregation,
+      "task": cfg.data.task, "mode": cfg.dp.mode, "aggregation": cfg.fed.aggregation,
       "epsilon": head["epsilon_spent"] if head else math.inf,
       "delta": head["delta_spent"] if head else 0.0,
       "noise_multiplier": head["noise_multiplier"] if head else 0.0,
@@ -115,6 +115,16 @@ def _size(n: float) -> str:
   return f"{int(n)} B"
 
 
+_SHOWN = (("accuracy", "accuracy"), ("f1_macro", "macro F1"), ("acc", "acc"),
+          ("acc_norm", "acc_norm"), ("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"),
+          ("rouge2", "ROUGE-2"), ("perplexity", "answer perplexity"))
+
+
+def metric_text(m: dict) -> str:
+  """'accuracy 0.712, macro F1 0.640' for the metrics a task reports."""
+  return ", ".join(f"{name} {m[k]:.3f}" for k, name in _SHOWN if k in m)
+
+
 def format_summary(s: dict) -> str:
   """The human report `make demo` prints."""
   b, a = s["eval"]["before"], s["eval"]["after"]
@@ -133,9 +143,16 @@ def format_summary(s: dict) -> str:
     lines.append(f"  starting adapter: {pub['init_from']}")
   if s.get("private_diagnostics"):
     lines.append("  " + DIAGNOSTICS_WARNING)
+  task = s.get("task", "tfns")
   lines += [
-      f"  zero-shot : accuracy {b['accuracy']:.3f}, macro F1 {b['f1_macro']:.3f}  (n={b['n']})",
-      f"  fine-tuned: accuracy {a['accuracy']:.3f}, macro F1 {a['f1_macro']:.3f}",
+      f"  {task} held-out (n={b.get('n')}):",
+      f"    zero-shot : {metric_text(b)}",
+      f"    fine-tuned: {metric_text(a)}",
+  ]
+  if "majority_accuracy" in b:
+    lines.append(f"    always answering the most frequent class: accuracy "
+                 f"{b['majority_accuracy']:.3f}")
+  lines += [
       f"  sent up {_size(s['bytes_up_total'])}{' (expected)' if s['bytes_are_expected'] else ''} "
       f"(LoRA {_size(s['lora_bytes'])} per client per round; full model "
       f"{_size(s['full_model_bytes'])}: {ratio:.2%} of sending it)",

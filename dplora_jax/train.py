@@ -26,7 +26,6 @@ from dplora_jax.dp import release
 from dplora_jax.federated import client as client_lib, round as round_lib
 from dplora_jax.host_state import HostState
 from dplora_jax.metrics import Communication, JsonlWriter, TensorBoardWriter
-from dplora_jax.tasks import classification as eval_lib
 
 
 @dataclasses.dataclass
@@ -162,10 +161,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
         "config": cfg_dict, "model": {"path": s.model_path, "fingerprint": s.fingerprint},
         "ledger": ledger.to_dict(), "host": host.to_dict()})
 
-  pad = s.tokenizer.pad_token_id
-  n_labels = len(cfg.data.labels)
-  before = eval_lib.evaluate(s.graphdef, s.lora, s.frozen, s.eval_examples, s.answers, pad,
-                             n_labels)
+  before = build_lib.evaluate(s, s.lora)
   initial = jax.tree.map(np.asarray, s.lora)
   expected = cfg.fed.client_rate * k
   # the public noise norm sigma C sqrt(d) / B (only the private_diagnostics ratio uses it)
@@ -235,6 +231,8 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
     exp_bytes = comm.expected_round_bytes(expected)
     record = release.round_record(cfg.dp.mode, r + 1, nxt, public, up, down, exp_bytes,
                                   exp_bytes, diag)
+    if cfg.eval_every and (r + 1) % cfg.eval_every == 0:  # the released LoRA, public data
+      record["eval"] = build_lib.evaluate(s, state.lora)
     if (r + 1) % cfg.log_every == 0 or r + 1 == cfg.fed.rounds:
       writer.write(record)
       tb.write(record)
@@ -247,7 +245,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   tb.close()
 
   lora = state.lora
-  after = eval_lib.evaluate(s.graphdef, lora, s.frozen, s.eval_examples, s.answers, pad, n_labels)
+  after = build_lib.evaluate(s, lora)
   summary = report.summary(
       cfg, plan, ledger, comm, devices=n_dev, max_batch=s.max_batch,
       lora_params=lora_lib.count_params(lora), before=before, after=after,

@@ -11,7 +11,7 @@ import pytest
 from dplora_jax import lora as lora_lib, losses
 from dplora_jax.federated import client as client_lib
 from dplora_jax.models import build_model
-from dplora_jax.tasks import classification as eval_lib
+from dplora_jax.tasks import scoring as eval_lib
 from tests import tiny
 
 
@@ -69,7 +69,7 @@ def test_sparse_eval_scores_equal_the_full_computation():
   np.testing.assert_allclose(sparse, full, atol=1e-5)
   prompt_len = jnp.array([4, 6, 7, 9, 12], jnp.int32)
   labels = jnp.array([3, 17, 40])
-  got = eval_lib._label_logprobs_single(graphdef, lora, frozen, ex["tokens"], ex["mask"],
+  got = eval_lib._last_position_logprobs(graphdef, lora, frozen, ex["tokens"], ex["mask"],
                                         prompt_len, labels)
   logits = jax.nn.log_softmax(
       lora_lib.apply(graphdef, lora, frozen, ex["tokens"], ex["mask"]), -1)

@@ -6,46 +6,11 @@ Arrays are fixed length (right-padded) so nothing recompiles.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import os
 
 import numpy as np
 
 from dplora_jax.models.tokenizer import encode
-
-def packaged(name: str) -> str:
-  """Path of a file shipped with the package, e.g. 'tfns/train.jsonl'."""
-  return os.path.join(os.path.dirname(__file__), name)
-
-
-def read_records(path: str) -> list[dict]:
-  """Reads .jsonl, .json (a list) or .csv records.
-
-  Raises:
-    FileNotFoundError / ValueError naming the file (and line for jsonl).
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"data file {path!r} not found.")
-  if path.endswith(".jsonl"):
-    out = []
-    with open(path, encoding="utf-8") as f:
-      for i, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            out.append(json.loads(line))
-          except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e}).") from e
-    return out
-  if path.endswith(".json"):
-    with open(path, encoding="utf-8") as f:
-      return list(json.load(f))
-  if path.endswith(".csv"):
-    with open(path, encoding="utf-8", newline="") as f:
-      return list(csv.DictReader(f))
-  raise ValueError(f"data file {path!r}: expected .jsonl, .json or .csv.")
-
 
 @dataclasses.dataclass
 class Examples:
@@ -83,25 +48,55 @@ def concat(parts: list[Examples]) -> Examples:
                   cat("prompt_len"))
 
 
-def label_id(value, labels: tuple[str, ...], source: str, i: int) -> int:
+def label_id(value, labels: tuple[str, ...], source: str, i: int | None = None) -> int:
   """A record's label as an id: a label word, or an integer (or digit string) in range.
+
+  `source` names the record ("file:line"), or the file with `i` its index.
 
   Raises:
     ValueError: naming the record, the bad label and the allowed ones.
   """
-  if isinstance(value, str) and not value.lstrip("-").isdigit():
-    if value not in labels:
-      raise ValueError(f"{source}: record {i} has label {value!r}; expected one of {labels}.")
-    return labels.index(value)
+  where = source if i is None else f"{source}: record {i}"
+  if isinstance(value, bool) or value is None or isinstance(value, (list, dict, float)):
+    raise ValueError(f"{where}: label {value!r}; expected one of {labels} or 0..{len(labels) - 1}.")
+  if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+    word = value.strip()
+    if word not in labels:
+      raise ValueError(f"{where}: label {value!r}; expected one of {labels}.")
+    return labels.index(word)
   lab = int(value)
   if not 0 <= lab < len(labels):
-    raise ValueError(f"{source}: record {i} has label {lab}; expected 0..{len(labels) - 1}.")
+    raise ValueError(f"{where}: label {lab}; expected 0..{len(labels) - 1} ({labels}).")
   return lab
 
 
 def label_token_ids(tokenizer, labels) -> list[np.ndarray]:
   """Token ids of " label" for each label word."""
   return [encode(tokenizer, " " + w) for w in labels]
+
+
+def pack(prompts: list[np.ndarray], answers: list[np.ndarray], labels, max_length: int,
+         pad: int) -> Examples:
+  """Fixed-length rows `prompt + answer`; the loss covers the answer tokens only.
+
+  Each prompt + answer must already fit in `max_length` (the tasks truncate the prompt's body).
+  """
+  n = len(prompts)
+  tokens = np.full((n, max_length), pad, np.int32)
+  mask = np.zeros((n, max_length), bool)
+  loss_mask = np.zeros((n, max_length), bool)
+  prompt_len = np.zeros((n,), np.int32)
+  for i, (p, a) in enumerate(zip(prompts, answers)):
+    seq = np.concatenate([p, a])
+    assert len(seq) <= max_length and len(p) >= 1 and len(a) >= 1, (len(p), len(a))
+    tokens[i, :len(seq)] = seq
+    mask[i, :len(seq)] = True
+    # target at position t is token t+1; answer tokens are targets at len(p)-1 .. len(seq)-2
+    loss_mask[i, len(p) - 1:len(seq) - 1] = True
+    prompt_len[i] = len(p)
+  targets = np.concatenate([tokens[:, 1:], np.full((n, 1), pad, np.int32)], axis=1)
+  return Examples(tokens, mask, targets, loss_mask, np.asarray(labels, np.int32).reshape(n),
+                  prompt_len)
 
 
 def build_examples(records: list[dict], tokenizer, *, labels: tuple[str, ...], prompt: str,
@@ -121,29 +116,16 @@ def build_examples(records: list[dict], tokenizer, *, labels: tuple[str, ...], p
   if room < 1:
     raise ValueError(f"data.max_length={max_length} leaves no room for the text: the prompt "
                      f"takes {len(head_ids) + len(tail_ids)} tokens and answers up to {longest}.")
-  n = len(records)
-  pad = tokenizer.pad_token_id
-  tokens = np.full((n, max_length), pad, np.int32)
-  mask = np.zeros((n, max_length), bool)
-  loss_mask = np.zeros((n, max_length), bool)
-  label_ids = np.zeros((n,), np.int32)
-  prompt_len = np.zeros((n,), np.int32)
+  where = getattr(records, "where", lambda i: f"{source}: record {i}")
+  prompts, label_ids = [], []
   for i, r in enumerate(records):
     for key in ("text", "label"):
       if key not in r:
-        raise ValueError(f"{source}: record {i} has no field {key!r} (fields: {sorted(r)}).")
+        raise ValueError(f"{where(i)}: no field {key!r} (fields: {sorted(r)}).")
     text = str(r["text"])
     if not text.strip():
-      raise ValueError(f"{source}: record {i} has an empty text.")
-    lab = label_id(r["label"], labels, source, i)
-    body = encode(tokenizer, text)[:room]
-    p = np.concatenate([head_ids, body, tail_ids])
-    seq = np.concatenate([p, answers[lab]])
-    tokens[i, :len(seq)] = seq
-    mask[i, :len(seq)] = True
-    # target at position t is token t+1; label tokens are targets at len(p)-1 .. len(seq)-2
-    loss_mask[i, len(p) - 1:len(seq) - 1] = True
-    label_ids[i] = lab
-    prompt_len[i] = len(p)
-  targets = np.concatenate([tokens[:, 1:], np.full((n, 1), pad, np.int32)], axis=1)
-  return Examples(tokens, mask, targets, loss_mask, label_ids, prompt_len)
+      raise ValueError(f"{where(i)}: empty field 'text'.")
+    label_ids.append(label_id(r["label"], labels, where(i), None))
+    prompts.append(np.concatenate([head_ids, encode(tokenizer, text)[:room], tail_ids]))
+  return pack(prompts, [answers[l] for l in label_ids], label_ids, max_length,
+              tokenizer.pad_token_id)
