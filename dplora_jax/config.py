@@ -7,6 +7,7 @@ compiled, and raises `ValueError` naming the field, the bad value and what is al
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import importlib.util
@@ -414,3 +415,73 @@ def defaults() -> dict:
 def to_dict(cfg: RunConfig) -> dict:
   """The JSON-serialisable nested dict of a RunConfig (tuples become lists)."""
   return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out |= _leaves(v, f"{prefix}{k}.")
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def parse_value(key: str, text: str, old):
+  """`text` as the type of the field's current value `old`.
+
+  Raises:
+    ValueError: naming the key, the value and the expected type.
+  """
+  def bad(kind):
+    return ValueError(f"--config.{key}={text!r}: expected {kind}.")
+  if isinstance(old, bool):
+    low = text.strip().lower()
+    if low not in ("true", "false", "1", "0", "yes", "no"):
+      raise bad("true or false")
+    return low in ("true", "1", "yes")
+  if isinstance(old, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise bad("an integer") from None
+  if isinstance(old, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise bad("a number") from None
+  if isinstance(old, (tuple, list)):
+    text = text.strip()
+    if text.startswith(("(", "[")):
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        raise bad("a tuple such as ('q','v') or q,v") from None
+      return tuple(value)
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+  return text
+
+
+def apply_overrides(c, overrides: dict[str, str]):
+  """Sets dotted fields of the ml_collections config `c` (a copy is returned).
+
+  Raises:
+    ValueError: an unknown key (with the closest known ones), or a value of the wrong type.
+  """
+  d = c.to_dict() if hasattr(c, "to_dict") else dict(c)
+  leaves = _leaves(d)
+  for key, text in overrides.items():
+    if key not in leaves:
+      raise ValueError(unknown_keys_message([key], sorted(leaves)))
+    *path, field = key.split(".")
+    node = d
+    for p in path:
+      node = node[p]
+    node[field] = parse_value(key, text, leaves[key])
+  return d
+
+
+def load_with_overrides(spec: str, overrides: dict[str, str] | None = None) -> RunConfig:
+  """The validated RunConfig of `path.py[:args]` with `overrides` applied."""
+  c = load_config_file(spec)
+  return from_config_dict(apply_overrides(c, overrides or {}))

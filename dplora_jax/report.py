@@ -57,7 +57,7 @@ def summary(cfg, plan: plan_lib.PrivacyPlan, ledger: Ledger, comm: Communication
       "rounds": cfg.fed.rounds, "clients": cfg.fed.num_clients,
       "clients_per_round": expected_clients,
       "local_steps": cfg.fed.local_steps, "devices": devices,
-      "lora_params": lora_params, "lora_bytes": comm.lora_bytes, "a_frozen": a_frozen,
+      "lora_params": lora_params, "lora_rank": cfg.lora.rank, "lora_bytes": comm.lora_bytes, "a_frozen": a_frozen,
       "bytes_setup_down": comm.setup_down, "full_model_bytes": comm.full_model_bytes,
       "eval": {"before": before, "after": after},
       "first_round_seconds": first_round_seconds, "compile_seconds": compile_seconds,

@@ -25,6 +25,7 @@ def parse(argv):
                  help="k+ = k- = this fraction of m (default %(default)s)")
   p.add_argument("--seed", type=int, default=0, help="canary draw seed")
   p.add_argument("--quiet", action="store_true")
+  p.add_argument("--debug", action="store_true", help="show the traceback of an error")
   args = p.parse_args(argv)
   if args.canaries < 2:
     p.error(f"--canaries={args.canaries} must be >= 2.")

@@ -19,6 +19,7 @@ def main(argv=None) -> int:
   p.add_argument("--workdir", required=True, help="a launch.train workdir with checkpoints/")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--merged", action="store_true", help="write base + LoRA merged as an HF model")
+  p.add_argument("--debug", action="store_true", help="show the traceback of an error")
   args = p.parse_args(argv)
   out = export.export_workdir(args.workdir, args.out, merged=args.merged)
   print(out)

@@ -5,12 +5,12 @@
 """
 
 import argparse
-import sys
 
 from dplora_jax import peft
 from dplora_jax.generate import generate
 from dplora_jax.models import load_model
 from dplora_jax.models.tokenizer import encode
+from launch import cli
 
 
 def parse(argv):
@@ -24,6 +24,7 @@ def parse(argv):
   p.add_argument("--no-chat-template", action="store_true", help="feed the raw prompt")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--lora", default="", help="a PEFT LoRA adapter directory to apply")
+  p.add_argument("--debug", action="store_true", help="show the traceback of an error")
   return p.parse_args(argv)
 
 
@@ -42,7 +43,8 @@ def main(argv=None):
                    eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                    temperature=args.temperature, seed=args.seed)
   print(tok.decode(out, skip_special_tokens=True))
+  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

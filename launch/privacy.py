@@ -33,6 +33,7 @@ def parse(argv):
   p.add_argument("--rdp-orders", choices=sorted(accounting.ORDER_PRESETS), default="default",
                  help="RDP order grid (opacus / tf_privacy reproduce their published numbers)")
   p.add_argument("--json", action="store_true", help="print one JSON object")
+  p.add_argument("--debug", action="store_true", help="show the traceback of an error")
   args = p.parse_args(argv)
   mech = ("noise_multiplier", "target_epsilon", "sampling_rate", "steps", "delta")
   if args.config:

@@ -97,7 +97,8 @@ def test_bad_values(overrides, match):
 def test_unknown_key():
   c = tiny.get_config().to_dict()
   c["dp"]["epsilon"] = 3.0
-  with pytest.raises(ValueError, match=r"unknown config keys \['dp.epsilon'\]"):
+  with pytest.raises(ValueError, match=r"unknown config key dp.epsilon \(closest: "
+                                       r"dp.target_epsilon"):
     config_lib.from_config_dict(c)
 
 

@@ -31,14 +31,30 @@ def test_tokenizer_mismatch(tmp_path):
 
 
 @pytest.mark.parametrize("line,match", [
-    ('{"sentence": "no text field", "label": 1}', "record 1 has no field 'text'"),
-    ('{"text": "fine", "label": "bullish"}', "record 1 has label 'bullish'; expected one of"),
-    ('{"text": "fine", "label": 7}', r"record 1 has label 7; expected 0..2"),
+    ('{"sentence": "no text field", "label": 1}', "bad.jsonl:2: no field 'text'"),
+    ('{"text": "fine", "label": "bullish"}', "bad.jsonl:2: label 'bullish'; expected one of"),
+    ('{"text": "fine", "label": 7}', r"bad.jsonl:2: label 7; expected 0..2"),
+    ('{"text": "", "label": 1}', r"bad.jsonl:2: field 'text' must be a non-empty string"),
     ('{"text": broken json', r"bad.jsonl:2: not valid JSON"),
+    (b'{"text": "caf\xe9", "label": 1}', r"bad.jsonl: line 2, byte \d+ is not UTF-8"),
+    ("", r"bad.jsonl:1: no field 'text'"),
 ])
-def test_bad_data_records_name_the_record(tmp_path, line, match):
+def test_bad_data_records_name_the_file_and_line(tmp_path, line, match):
   bad = tmp_path / "bad.jsonl"
-  bad.write_text('{"text": "fine", "label": 1}\n' + line + "\n")
+  first = '{"text": "fine", "label": 1}\n' if line else '{"sentence": "a", "label": 1}\n'
+  bad.write_bytes(first.encode() + (line if isinstance(line, bytes) else line.encode()) + b"\n")
+  # 4 clients of a 2-record file: the bad record is named before any partition complains
   with pytest.raises(ValueError, match=match):
-    build.build(_cfg(data__train_file=str(bad), fed__num_clients=1, data__batch_size=1,
+    build.build(_cfg(data__train_file=str(bad), fed__num_clients=4, data__batch_size=1,
                      dp__delta=0.1, dp__allow_large_delta=True))
+
+
+def test_empty_and_unknown_task_files(tmp_path):
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  with pytest.raises(ValueError, match=r"empty.jsonl: no records \(an empty eval file\)"):
+    build.build(_cfg(data__eval_file=str(empty)))
+  with pytest.raises(ValueError, match=r"unknown task 'tfsn' \(did you mean tfns"):
+    _cfg(data__task="tfsn")
+  with pytest.raises(ValueError, match=r"task 'fiqa_sa' ships no train data"):
+    build.build(_cfg(data__task="fiqa_sa"))

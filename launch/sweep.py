@@ -1,0 +1,47 @@
+"""Run the config file's sweep() grid, one workdir per point, then tables and plots.
+
+  python -m launch.sweep --config configs/tiny.py --workdir runs/sweep_tiny
+  python -m launch.sweep --config configs/finance.py --workdir runs/finance --parallel 2
+
+Rerunning skips finished points and resumes killed ones from their checkpoints. DIR gets
+points/NAME/ (each a launch.train workdir with its log.txt), results.csv, results.md,
+utility_vs_eps.png, bytes_vs_rank.png and rounds.png. --list prints the points and exits.
+"""
+
+import argparse
+import sys
+
+from dplora_jax import sweep
+from launch import cli
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", required=True, help="config file with get_config() and sweep()")
+  p.add_argument("--workdir", required=True, help="the sweep's directory")
+  p.add_argument("--parallel", type=int, default=1, help="points run at once (processes)")
+  p.add_argument("--list", action="store_true", help="print the points and exit")
+  p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+  args = p.parse_args(sys.argv[1:] if argv is None else argv)
+  if args.parallel < 1:
+    raise ValueError(f"--parallel={args.parallel}; expected >= 1.")
+  points = sweep.load_points(args.config)
+  if args.list:
+    for pt in points:
+      print(pt.name, pt.overrides)
+    return 0
+  status = sweep.run(args.config, args.workdir, points, parallel=args.parallel,
+                     echo=lambda s: print(s, flush=True))
+  rows = sweep.collect(args.workdir, points, title=f"sweep of {args.config}")
+  print(f"{len(rows)} of {len(points)} points finished; results: {args.workdir}/results.md, "
+        f"{args.workdir}/results.csv, plots: {args.workdir}/*.png")
+  failed = [n for n, s in status.items() if s.startswith("failed")]
+  if failed:
+    print(f"error: {len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main)
