@@ -70,8 +70,9 @@ def data_config(task: str, run: config_lib.RunConfig | None, **overrides) -> con
   base = run.data if run is not None else config_lib.DataConfig(task=task, eval_examples=0,
                                                                  **KIND_DEFAULTS[kind])
   fields = {k: v for k, v in overrides.items() if v is not None}
-  if run is not None and task != run.data.task:
-    fields = KIND_DEFAULTS[kind] | {"eval_examples": 0} | fields
+  if run is not None and task != run.data.task:  # another task: not the run's held-out file
+    same_kind = tasks.get(run.data.task).kind == kind
+    fields = ({} if same_kind else KIND_DEFAULTS[kind]) | {"eval_file": ""} | fields
   return dataclasses.replace(base, task=task, **fields)
 
 
