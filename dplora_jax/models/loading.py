@@ -109,12 +109,41 @@ def load_tokenizer(path_or_alias: str):
   path = resolve_path(path_or_alias)
   if os.path.isdir(path):
     return tokenizer_lib.tokenizer_from_dir(path)
+  cache = _tokenizer_cache(path)
+  if cache and os.path.isfile(os.path.join(cache, "tokenizer.json")):
+    return tokenizer_lib.tokenizer_from_dir(cache)
   import gguf
   try:
     reader = gguf.GGUFReader(path)
   except Exception as e:
     raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}).") from e
-  return tokenizer_lib.tokenizer_from_gguf_fields(read_gguf_fields(reader), path)
+  tok = tokenizer_lib.tokenizer_from_gguf_fields(read_gguf_fields(reader), path)
+  if cache:
+    _save_tokenizer(tok, cache)
+  return tok
+
+
+def _tokenizer_cache(path: str) -> str:
+  """Where the tokenizer of GGUF file `path` is kept as tokenizer.json (parsing a GGUF's
+  vocabulary takes seconds; reading it back, milliseconds). Keyed by the file's fingerprint;
+  `DPLORA_CACHE=""` turns the cache off."""
+  root = os.environ.get("DPLORA_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
+                                                      "dplora_jax"))
+  return os.path.join(root, "tokenizers", fingerprint([path])[:32]) if root else ""
+
+
+def _save_tokenizer(tok, cache: str):
+  import shutil
+  import tempfile
+  tmp = None
+  try:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(cache))
+    tok.save_pretrained(tmp)
+    os.replace(tmp, cache)  # atomic: a concurrent reader sees all of it or nothing
+  except OSError:  # a read-only home or a concurrent writer: no cache, the same tokenizer
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,22 @@ def test_tokenizer_ids_match_transformers(ours, reference):
     assert ours.tokenizer.decode(encode(ours.tokenizer, s)) == s
 
 
+def test_cached_tokenizer_is_the_gguf_tokenizer(reference, tmp_path, monkeypatch):
+  """load_tokenizer keeps a GGUF's tokenizer as tokenizer.json; the cached copy must encode,
+  decode and name special tokens exactly as transformers' reading of the GGUF."""
+  from dplora_jax.models import load_tokenizer
+  monkeypatch.setenv("DPLORA_CACHE", str(tmp_path))
+  first = load_tokenizer("smollm2-135m-instruct")  # parsed from the GGUF, then cached
+  assert len(os.listdir(tmp_path / "tokenizers")) == 1
+  cached = load_tokenizer("smollm2-135m-instruct")
+  _, ref_tok = reference
+  for s in STRINGS:
+    want = ref_tok(s, add_special_tokens=False)["input_ids"]
+    assert encode(first, s).tolist() == want and encode(cached, s).tolist() == want, s
+  for attr in ("eos_token_id", "pad_token_id", "bos_token_id", "chat_template"):
+    assert getattr(cached, attr) == getattr(first, attr), attr
+
+
 def test_logits_and_generation_match_transformers(ours, reference):
   model, ref_tok = reference
   text = ref_tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],

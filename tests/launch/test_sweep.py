@@ -1,0 +1,79 @@
+"""launch.sweep: a 2 x 2 grid of the tiny config runs; a killed point resumes from its checkpoint;
+the table and plots hold one row per point; rerunning skips finished points."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dplora_jax import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = "configs/tiny.py:rounds=3,examples=160"
+
+
+def _sweep(root, *extra, timeout=300):
+  return subprocess.run([sys.executable, "-m", "launch.sweep", "--config", CONFIG,
+                         "--workdir", str(root), *extra], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _grid():
+  from configs import tiny
+  return tiny.sweep()
+
+
+def test_sweep_runs_resumes_and_skips(tmp_path):
+  root = tmp_path / "sweep"
+  points = sweep.expand(_grid())
+  assert len(points) == 4
+  # the first point, started by the sweep's own command, killed after its round-1 checkpoint
+  first = points[0]
+  cmd = sweep.command(CONFIG, first, str(root))
+  wd = first.workdir(str(root))
+  os.makedirs(wd)
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  killer = subprocess.Popen([sys.executable, "-m", "tests.kill_run_cmd", "1", *cmd], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  assert killer.wait(timeout=180) != 0
+  assert os.path.isdir(os.path.join(wd, "checkpoints", "1"))
+  assert not os.path.exists(os.path.join(wd, "summary.json"))
+
+  p = _sweep(root, "--parallel", "2")
+  assert p.returncode == 0, p.stdout + p.stderr
+  assert f"{first.name}: resuming" in p.stdout and f"{first.name}: resumed in" in p.stdout
+  with open(os.path.join(wd, "summary.json")) as f:
+    assert json.load(f)["resumed_from_round"] == 1
+  with open(root / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert sorted(r["point"] for r in rows) == sorted(pt.name for pt in points)
+  assert {(r["mode"], r["aggregation"]) for r in rows} == {
+      ("none", "fedavg"), ("none", "ffa"), ("sample", "fedavg"), ("sample", "ffa")}
+  md = (root / "results.md").read_text().splitlines()
+  assert sum(line.startswith("| ") for line in md) == 1 + len(points)  # header + one per point
+  for png in ("utility_vs_eps.png", "bytes_vs_rank.png", "rounds.png"):
+    assert (root / png).stat().st_size > 1000
+  # FFA sends B only: fewer bytes than FedAvg at the same rank
+  by = {r["aggregation"]: int(r["lora_bytes_per_client_round"]) for r in rows}
+  assert by["ffa"] < by["fedavg"]
+
+  again = _sweep(root)
+  assert again.returncode == 0
+  assert again.stdout.count("finished before, skipped") == 4
+
+
+def test_a_bad_sweep_is_one_clear_line(tmp_path):
+  cfg = tmp_path / "c.py"
+  cfg.write_text("from configs.tiny import get_config\n"
+                 "def sweep():\n  return {'dp.epsilon': [1.0, 2.0]}\n")
+  p = subprocess.run([sys.executable, "-m", "launch.sweep", "--config", str(cfg), "--workdir",
+                      str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                     env=dict(os.environ, PYTHONPATH=ROOT))
+  assert p.returncode == 2
+  assert p.stderr.startswith("error: sweep point epsilon=1: unknown config key dp.epsilon "
+                             "(closest: dp.target_epsilon")
+  with pytest.raises(ValueError, match="axis 'a': expected a non-empty list"):
+    sweep.expand({"a": []})
