@@ -270,13 +270,13 @@ def plots(root: str, points: list[Point], rows: list[dict]):
       continue
     a1.plot([m["round"] for m in recs], [m.get("epsilon", float("nan")) for m in recs],
             label=p.name)
-    ev = [(m["round"], m["eval"]["loss"]) for m in recs if "eval" in m]
+    ev = [(m["round"], m["eval"]["nll"]) for m in recs if "eval" in m]
     if ev:
       a2.plot(*zip(*ev), label=p.name)
   a1.set_xlabel("round")
   a1.set_ylabel("epsilon spent")
   a2.set_xlabel("round")
-  a2.set_ylabel("held-out loss (eval_every)")
+  a2.set_ylabel("held-out NLL (eval_every)")
   a1.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(os.path.join(root, "rounds.png"), dpi=120)

@@ -1,5 +1,6 @@
 """Bad run configs fail before anything loads or compiles, naming the field."""
 
+import os
 import pytest
 
 from configs import audit, demo, paper, tiny
@@ -137,3 +138,16 @@ def test_bad_top_level_values(field, value):
     c[field] = value
   with pytest.raises(ValueError, match=f"{field}={value}"):
     config_lib.from_config_dict(c)
+
+
+@pytest.mark.parametrize("name", sorted(
+    f for f in os.listdir(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+    if f.endswith(".py") and f not in ("__init__.py", "common.py")))
+def test_every_config_file_and_its_sweep_is_valid(name):
+  from dplora_jax import sweep
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", name)
+  config_lib.from_config_dict(config_lib.load_config_file(path))
+  module_text = open(path).read()
+  if "def sweep(" in module_text:
+    points = sweep.load_points(path)  # each point's overrides give a valid config
+    assert len({p.name for p in points}) == len(points) >= 2

@@ -77,7 +77,7 @@ def test_bad_data_errors_before_compiling(tmp_path):
     c.data.batch_size = 1
     c.dp.delta = 0.1
     c.dp.allow_large_delta = True
-  with pytest.raises(ValueError, match="record 1 has an empty text"):
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: field .text. must be a non-empty string"):
     build.build(config_lib.from_config_dict(c))
   with c.unlocked():
     c.data.train_file = str(tmp_path / "missing.jsonl")

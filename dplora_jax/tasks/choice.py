@@ -128,5 +128,5 @@ class ChoiceTask(base.Task):
       chars[i, :k] = [len(c) - c.startswith(" ") for c in it.continuations]
       at += k
     out = metrics.choice_metrics(scores, chars, gold)
-    out["loss"] = float(-np.mean(scores[np.arange(len(items)), gold])) if len(items) else 0.0
+    out["nll"] = float(-np.mean(scores[np.arange(len(items)), gold])) if len(items) else 0.0
     return out

@@ -4,7 +4,7 @@ Prompt `Question: {question}\\nAnswer:`, answer ` {answer}` cut to `data.max_ans
 (training loss on the answer tokens only). Evaluation: greedy generation with the KV-cache
 generator (`data.max_new_tokens`, cut at the end-of-sequence token or a new "Question:"),
 ROUGE-1/2/L F-measures against the full reference answer (`rouge-score`, stemmed), and the
-answer-token log-likelihood of the (cut) reference: `loss` (mean per token) and `perplexity`.
+answer-token log-likelihood of the (cut) reference: `nll` (mean per token) and `perplexity`.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class QATask(base.Task):
                                        dc.eval_batch_size)
     ntok = np.asarray([len(a) for _, a in reqs])
     loss = float(-lp.sum() / max(ntok.sum(), 1))
-    out = {"loss": loss, "perplexity": float(np.exp(loss)), "n": len(items)}
+    out = {"nll": loss, "perplexity": float(np.exp(loss)), "n": len(items)}
     if dc.max_new_tokens:
       preds = self.generate_answers(parts, tokenizer, items, dc)
       out |= metrics.rouge(preds, [a for _, a in items])

@@ -57,7 +57,7 @@ class SentimentTask(base.Task):
     scores = scoring.label_scores(parts, ex, answers, tokenizer.pad_token_id, dc.eval_batch_size)
     out = metrics.classification_metrics(np.argmax(scores, axis=1), ex.labels, len(dc.labels))
     # the mean negative log-likelihood of the gold label (over the whole vocabulary)
-    out["loss"] = float(-np.mean(scores[np.arange(len(ex)), ex.labels])) if len(ex) else 0.0
+    out["nll"] = float(-np.mean(scores[np.arange(len(ex)), ex.labels])) if len(ex) else 0.0
     return out
 
 

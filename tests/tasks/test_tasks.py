@@ -94,7 +94,7 @@ def test_piqa_scored_by_hand(lm):
   chars = np.array([[len(c) - 1 for c in it.continuations] for it in items])
   assert got["acc"] == pytest.approx(np.mean(hand.argmax(1) == gold))
   assert got["acc_norm"] == pytest.approx(np.mean((hand / chars).argmax(1) == gold))
-  assert got["loss"] == pytest.approx(-hand[np.arange(3), gold].mean(), abs=1e-4)
+  assert got["nll"] == pytest.approx(-hand[np.arange(3), gold].mean(), abs=1e-4)
 
 
 def test_winogrande_partial_scoring_on_a_hand_built_item(lm):
@@ -111,7 +111,7 @@ def test_winogrande_partial_scoring_on_a_hand_built_item(lm):
                           for x, c in zip(it.contexts, it.continuations)])
   got = task.evaluate(parts, tok, [it], dc)
   assert got["acc"] == float(np.argmax(hand) == 0)
-  assert got["loss"] == pytest.approx(-hand[0], abs=1e-4)
+  assert got["nll"] == pytest.approx(-hand[0], abs=1e-4)
 
 
 def test_boolq_prompt_and_labels():
@@ -147,8 +147,8 @@ def test_qa_trains_on_answer_tokens_and_reports_rouge(lm):
   first = ex.targets[0][ex.loss_mask[0]]
   np.testing.assert_array_equal(first, encode(tok, " A viral infection of the nose")[:6])
   got = task.evaluate(parts, tok, items, dc)
-  assert set(got) >= {"rouge1", "rouge2", "rougeL", "loss", "perplexity"}
-  assert got["perplexity"] == pytest.approx(np.exp(got["loss"]))
+  assert set(got) >= {"rouge1", "rouge2", "rougeL", "nll", "perplexity"}
+  assert got["perplexity"] == pytest.approx(np.exp(got["nll"]))
 
 
 def _write_all_formats(tmp_path, rows):

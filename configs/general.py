@@ -1,0 +1,49 @@
+"""General: DP federated LoRA of SmolLM2-135M-Instruct on BoolQ, PIQA or WinoGrande.
+
+  python -m launch.train --config configs/general.py:task=piqa --workdir runs/piqa
+  python -m launch.sweep --config configs/general.py --workdir runs/general_sweep
+
+Only the validation files ship: `validation.jsonl::train` (70%) feeds the clients and
+`validation.jsonl::test` (30%, fixed seed) is held out (`dplora_jax.tasks`). Training uses the
+gold choice's continuation; evaluation is lm-evaluation-harness style log-likelihood (acc,
+acc_norm). The sweep: zero-shot / non-private / DP eps 8, FedAvg vs FFA, on each task.
+"""
+
+from configs.common import apply_args, base_config
+
+ARGS = {"task": "data.task", "eps": "dp.target_epsilon", "rank": "lora.rank",
+        "rounds": "fed.rounds", "batch": "data.batch_size", "lr": "optim.learning_rate",
+        "mode": "dp.mode", "agg": "fed.aggregation", "clients": "fed.num_clients"}
+MAX_LENGTH = {"boolq": 192, "piqa": 96, "winogrande": 64}
+
+
+def get_config(arg: str | None = None):
+  c = base_config()
+  c.model.path = "smollm2-135m-instruct"
+  c.data.task = "piqa"
+  c.lora.targets = ("q", "v")
+  c.lora.rank = 4
+  c.data.max_answer_tokens = 32
+  c.data.eval_examples = 0  # the whole held-out part
+  c.data.batch_size = 16
+  c.optim.microbatch_size = 8
+  c.optim.learning_rate = 0.5
+  c.dp.clip_norm = 1.0
+  c.dp.target_epsilon = 8.0
+  c.dp.delta = 1e-4
+  c.dp.accountant = "pld"
+  c.fed.num_clients = 4
+  c.fed.rounds = 5
+  apply_args(c, arg, ARGS)
+  c.data.max_length = MAX_LENGTH.get(c.data.task, 128)
+  # the public bound on a client's size: an even split of the task's training part
+  sizes = {"boolq": 2289, "piqa": 1287, "winogrande": 887}
+  c.data.max_client_size = -(-sizes.get(c.data.task, 2000) // c.fed.num_clients)
+  c.lock()
+  return c
+
+
+def sweep():
+  return {"data.task": ["boolq", "piqa", "winogrande"],
+          "privacy": [{"dp.mode": "none"}, {"dp.target_epsilon": 8.0}],
+          "fed.aggregation": ["fedavg", "ffa"]}
