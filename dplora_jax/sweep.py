@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Callable
 
-from dplora_jax import config as config_lib, tasks
+from dplora_jax import config_files, tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,20 +89,15 @@ def load_points(config_spec: str) -> list[Point]:
   Raises:
     ValueError: no `sweep()`, or a point whose config is invalid (naming the point).
   """
-  import importlib.util
-  path, _, arg = config_spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} not found.")
-  spec = importlib.util.spec_from_file_location("_dplora_sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  path = config_spec.partition(":")[0]
+  module = config_files.config_module(config_spec)
   if not hasattr(module, "sweep"):
     raise ValueError(f"config file {path!r} defines no sweep(); add one returning a dict of "
                      "axes (see dplora_jax/sweep.py).")
   points = expand(module.sweep())
   for p in points:
     try:
-      config_lib.load_with_overrides(config_spec, {k: _text(v) for k, v in p.overrides.items()})
+      config_files.load_with_overrides(config_spec, {k: _text(v) for k, v in p.overrides.items()})
     except ValueError as e:
       raise ValueError(f"sweep point {p.name}: {e}") from None
   return points

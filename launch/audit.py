@@ -10,7 +10,7 @@ confidence, and the guess counts. The last line printed is the lower bound.
 import argparse
 import json
 
-from dplora_jax import audit, config as config_lib
+from dplora_jax import audit, config_files
 from launch import cli
 
 
@@ -38,7 +38,7 @@ def parse(argv):
 
 def main(argv=None) -> int:
   args = parse(argv)
-  cfg = config_lib.from_config_dict(config_lib.load_config_file(args.config))
+  cfg = config_files.load_with_overrides(args.config)
   out = audit.run_audit(cfg, args.workdir, canaries=args.canaries, confidence=args.confidence,
                         guess_fraction=args.guess_fraction, seed=args.seed,
                         progress=not args.quiet)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from dplora_jax import config as config_lib
+from dplora_jax import config_files
 
-load_config = config_lib.load_with_overrides
+load_config = config_files.load_with_overrides
 
 OVERRIDE_HELP = ("--config.SECTION.FIELD=VALUE overrides one config field (e.g. "
                  "--config.dp.target_epsilon=4); repeatable")

@@ -14,7 +14,7 @@ mechanism in plan order, space-separated). --json prints one JSON object instead
 import argparse
 import json
 
-from dplora_jax import build, config as config_lib
+from dplora_jax import build, config as config_lib, config_files
 from dplora_jax.dp import accounting
 from launch import cli
 
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
   args = parse(argv)
   kind = args.accountant or "rdp"
   if args.config:
-    cfg = config_lib.from_config_dict(config_lib.load_config_file(args.config))
+    cfg = config_files.load_with_overrides(args.config)
     if args.accountant and args.accountant != cfg.dp.accountant:
       cfg = config_lib.dataclasses.replace(
           cfg, dp=config_lib.dataclasses.replace(cfg.dp, accountant=args.accountant))

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from configs import audit, demo, paper, tiny
-from dplora_jax import config as config_lib
+from dplora_jax import config as config_lib, config_files
 
 
 def _cfg(**overrides):
@@ -146,7 +146,7 @@ def test_bad_top_level_values(field, value):
 def test_every_config_file_and_its_sweep_is_valid(name):
   from dplora_jax import sweep
   path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", name)
-  config_lib.from_config_dict(config_lib.load_config_file(path))
+  config_files.load_with_overrides(path)
   module_text = open(path).read()
   if "def sweep(" in module_text:
     points = sweep.load_points(path)  # each point's overrides give a valid config

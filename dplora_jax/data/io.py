@@ -106,11 +106,10 @@ def _read_csv(path: str) -> Records:
 
 
 def _need_datasets(path: str):
-  try:
-    import datasets  # noqa: F401  (only whether it is installed)
-  except ImportError:
+  import importlib.util
+  if importlib.util.find_spec("datasets") is None:
     raise ValueError(f"{path}: reading parquet files and `datasets` directories needs the "
-                     "`datasets` package: pip install 'dplora_jax[data]'.") from None
+                     "`datasets` package: pip install 'dplora_jax[data]'.")
 
 
 def _read_parquet(path: str) -> Records:
