@@ -75,6 +75,7 @@ class DataConfig:
   max_answer_tokens: int = 32  # choice / qa tasks: answers cut to this (the loss's positions)
   eval_batch_size: int = 32  # rows per evaluation batch
   max_new_tokens: int = 64  # qa tasks: greedy tokens generated per answer (0 = no ROUGE)
+  chat_template: bool = True  # qa tasks: the question as a user turn of the tokenizer's template
   max_train_examples: int = 0  # 0 = all
   eval_examples: int = 200  # fixed subset of the eval file (0 = all)
   batch_size: int = 8  # B: expected Poisson batch of a client of max_client_size; the divisor

@@ -34,13 +34,27 @@ class QATask(base.Task):
       out.append((base.field(r, ("question",), where), base.field(r, ("answer",), where)))
     return out
 
-  def _prompt(self, tokenizer, question: str, room: int) -> np.ndarray:
-    head, body, tail = base.encode_parts(tokenizer, PROMPT, "question", {"question": question})
+  def _template(self, tokenizer, dc) -> str:
+    """PROMPT, or the question as a user turn of the tokenizer's chat template (an instruct
+    model answers a bare "Answer:" with its end-of-turn token)."""
+    if not (dc.chat_template and getattr(tokenizer, "chat_template", None)):
+      return PROMPT
+    mark = "\x00question\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                         add_generation_prompt=True)
+    head, tail = text.split(mark)
+    return head.replace("{", "{{").replace("}", "}}") + "{question}" + \
+        tail.replace("{", "{{").replace("}", "}}")
+
+  def _prompt(self, tokenizer, question: str, room: int, dc) -> np.ndarray:
+    head, body, tail = base.encode_parts(tokenizer, self._template(tokenizer, dc), "question",
+                                         {"question": question})
     return base.fit(head, body, tail, room, keep="end")  # a long question keeps its end
 
   def _pair(self, tokenizer, question, answer, dc):
-    a = encode(tokenizer, " " + answer.strip())[:dc.max_answer_tokens]
-    return self._prompt(tokenizer, question, dc.max_length - len(a)), a
+    space = "" if self._template(tokenizer, dc) != PROMPT else " "
+    a = encode(tokenizer, space + answer.strip())[:dc.max_answer_tokens]
+    return self._prompt(tokenizer, question, dc.max_length - len(a), dc), a
 
   def train_examples(self, items, tokenizer, dc):
     pairs = [self._pair(tokenizer, q, a, dc) for q, a in items]
@@ -51,7 +65,7 @@ class QATask(base.Task):
     """Greedy answers, batched at a fixed batch size and bucketed prompt widths."""
     model = lora_lib.merge(parts.graphdef, parts.lora, parts.frozen)
     room = dc.max_length
-    prompts = [self._prompt(tokenizer, q, room) for q, _ in items]
+    prompts = [self._prompt(tokenizer, q, room, dc) for q, _ in items]
     lengths = np.asarray([len(p) for p in prompts])
     out = [""] * len(items)
     bs = dc.eval_batch_size

@@ -142,11 +142,19 @@ def test_qa_trains_on_answer_tokens_and_reports_rouge(lm):
   dc = _dc("medquad", max_length=40, max_answer_tokens=6, max_new_tokens=3, eval_batch_size=2)
   items = task.items(io.Records([{"question": "What is flu?", "answer": "A viral infection "
                                   "of the nose, throat and lungs, often seasonal."}] * 3), dc)
-  ex = task.train_examples(items, tok, dc)
+  raw = dataclasses.replace(dc, chat_template=False)
+  ex = task.train_examples(items, tok, raw)
   assert ex.loss_mask.sum(1).tolist() == [6, 6, 6]  # the answer, cut at max_answer_tokens
   first = ex.targets[0][ex.loss_mask[0]]
   np.testing.assert_array_equal(first, encode(tok, " A viral infection of the nose")[:6])
-  got = task.evaluate(parts, tok, items, dc)
+  assert tok.decode(ex.tokens[0, :ex.prompt_len[0]]) == "Question: What is flu?\nAnswer:"
+  # an instruct tokenizer: the question is the user turn, the answer the assistant's reply
+  chat = task.train_examples(items, tok, dataclasses.replace(dc, max_length=64))
+  prompt = tok.decode(chat.tokens[0, :chat.prompt_len[0]])
+  assert prompt.endswith("<|im_start|>user\nWhat is flu?<|im_end|>\n<|im_start|>assistant\n")
+  np.testing.assert_array_equal(chat.targets[0][chat.loss_mask[0]],
+                                encode(tok, "A viral infection of the nose")[:6])
+  got = task.evaluate(parts, tok, items, dataclasses.replace(dc, max_length=64))
   assert set(got) >= {"rouge1", "rouge2", "rougeL", "nll", "perplexity"}
   assert got["perplexity"] == pytest.approx(np.exp(got["nll"]))
 
