@@ -85,7 +85,8 @@ def eval_items(cfg: RunConfig, eval_file: str = "") -> list:
   the fixed subset of `data.eval_examples` (the same rows for every run and for `launch.eval`)."""
   d = cfg.data
   task = tasks.get(d.task)
-  records = io.subsample(task.read(eval_file or d.eval_file, "eval"), d.eval_examples, 1234)
+  records = io.subsample(task.read(eval_file or d.eval_file, "eval"), d.eval_examples,
+                         io.EVAL_SUBSET_SEED)
   return task.items(records, d)
 
 

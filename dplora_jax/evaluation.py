@@ -83,7 +83,7 @@ def evaluate(ev: Evaluated, task_name: str, file: str = "", **overrides) -> dict
   task = tasks.get(task_name)
   dc = data_config(task_name, ev.run, **overrides)
   spec = file or (dc.eval_file if ev.run is not None and task_name == ev.run.data.task else "")
-  records = io.subsample(task.read(spec, "eval"), dc.eval_examples, 1234)
+  records = io.subsample(task.read(spec, "eval"), dc.eval_examples, io.EVAL_SUBSET_SEED)
   items = task.items(records, dc)
   out = task.evaluate(ev.parts, ev.tokenizer, items, dc)
   return {"task": task_name, "file": records.source, **out}
