@@ -151,3 +151,18 @@ def test_every_config_file_and_its_sweep_is_valid(name):
   if "def sweep(" in module_text:
     points = sweep.load_points(path)  # each point's overrides give a valid config
     assert len({p.name for p in points}) == len(points) >= 2
+
+
+def test_overrides_are_typed_by_the_field_and_name_bad_keys():
+  cfg = config_files.load_with_overrides("configs/tiny.py:rounds=2", {
+      "lora.targets": "q,v", "private_diagnostics": "true", "dp.target_epsilon": "4",
+      "fed.num_clients": "3", "data.task": "piqa"})
+  assert cfg.lora.targets == ("q", "v") and cfg.private_diagnostics is True
+  assert cfg.dp.target_epsilon == 4.0 and cfg.fed.num_clients == 3 and cfg.fed.rounds == 2
+  assert cfg.data.task == "piqa"
+  for key, value, match in [("fed.num_clients", "2.5", "expected an integer"),
+                            ("private_diagnostics", "maybe", "expected true or false"),
+                            ("fed.num_client", "3", r"unknown config key fed.num_client "
+                                                    r"\(closest: fed.num_clients")]:
+    with pytest.raises(ValueError, match=match):
+      config_files.load_with_overrides("configs/tiny.py", {key: value})
