@@ -15,7 +15,10 @@ from dplora_jax import build, config as config_lib, lora as lora_lib, train
 def result(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("tiny"))
   # private diagnostics on: this test reads the (non-private) training loss
-  cfg = config_lib.from_config_dict(tiny.get_config("rounds=6,dp_seed=0,diagnostics=1,buckets=3"))
+  c = tiny.get_config("rounds=6,dp_seed=0,diagnostics=1,buckets=3")
+  with c.unlocked():
+    c.eval_every = 3  # the released LoRA on the public held-out set, rounds 3 and 6
+  cfg = config_lib.from_config_dict(c)
   res = train.run(cfg, wd, progress=False)
   return wd, cfg, res.summary, res
 
@@ -56,7 +59,10 @@ def test_summary_consistent(result):
   eps = [l["epsilon"] for l in lines]
   assert eps == sorted(eps) and eps[-1] == pytest.approx(on_disk["epsilon"])
   for part in ("before", "after"):
-    assert set(on_disk["eval"][part]) >= {"accuracy", "f1_macro"}
+    assert set(on_disk["eval"][part]) >= {"accuracy", "f1_macro", "majority_accuracy", "nll"}
+  # eval_every: held-out metrics in metrics.jsonl at rounds 3 and 6; round 6's are the "after"
+  assert [l["round"] for l in lines if "eval" in l] == [3, 6]
+  assert lines[-1]["eval"] == on_disk["eval"]["after"]
 
 
 def test_lr_zero_is_refused(tmp_path):
