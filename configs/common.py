@@ -34,3 +34,19 @@ def apply_args(c: ml_collections.ConfigDict, arg: str | None, names: dict) -> No
     old = node[field]
     node[field] = type(old)(value) if not isinstance(old, bool) else value in ("1", "true",
                                                                                "True")
+
+
+def smollm2_dp_recipe(c: ml_collections.ConfigDict, *, delta: float) -> None:
+  """The best DP-LoRA recipe of the search so far (docs/results.md, section 4) on SmolLM2-135M:
+  FFA (B only) at rank 2 on q and v, SGD lr 4, C = 1, example-level eps 8 with the PLD accountant.
+  Found on TFNS; the general and medical configs start from it untuned."""
+  c.model.path = "smollm2-135m-instruct"
+  c.lora.targets = ("q", "v")
+  c.lora.rank = 2
+  c.fed.aggregation = "ffa"
+  c.optim.microbatch_size = 8
+  c.optim.learning_rate = 4.0
+  c.dp.clip_norm = 1.0
+  c.dp.target_epsilon = 8.0
+  c.dp.delta = delta
+  c.dp.accountant = "pld"

@@ -14,7 +14,7 @@ TFNS validation (a fixed 480-row subset) is the held-out set; FiQA-SA is evaluat
 from its path (it is not shipped).
 """
 
-from configs.common import apply_args, base_config
+from configs.common import apply_args, base_config, smollm2_dp_recipe
 
 ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "clients": "fed.num_clients",
         "rounds": "fed.rounds", "batch": "data.batch_size", "lr": "optim.learning_rate",
@@ -24,21 +24,12 @@ ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "clients": "fed.num_cli
 
 def get_config(arg: str | None = None):
   c = base_config()
-  c.model.path = "smollm2-135m-instruct"
+  smollm2_dp_recipe(c, delta=1e-5)
   c.data.task = "tfns"
-  c.lora.targets = ("q", "v")
-  c.lora.rank = 2
-  c.fed.aggregation = "ffa"
   c.data.max_train_examples = 2500  # 500 per client
   c.data.max_length = 64
   c.data.eval_examples = 480
   c.data.batch_size = 32  # expected Poisson batch per client step
-  c.optim.microbatch_size = 8
-  c.optim.learning_rate = 4.0
-  c.dp.clip_norm = 1.0
-  c.dp.target_epsilon = 8.0
-  c.dp.delta = 1e-5
-  c.dp.accountant = "pld"
   c.fed.num_clients = 5
   c.fed.rounds = 6
   c.fed.local_steps = 1

@@ -7,9 +7,12 @@ Only the validation files ship: `validation.jsonl::train` (70%) feeds the client
 `validation.jsonl::test` (30%, fixed seed) is held out (`dplora_jax.tasks`). Training uses the
 gold choice's continuation; evaluation is lm-evaluation-harness style log-likelihood (acc,
 acc_norm). The sweep: zero-shot / non-private / DP eps 8, FedAvg vs FFA, on each task.
+
+The DP recipe is `configs.common.smollm2_dp_recipe` (found on TFNS, untuned here); the
+non-private sweep points use SGD lr 0.2.
 """
 
-from configs.common import apply_args, base_config
+from configs.common import apply_args, base_config, smollm2_dp_recipe
 
 ARGS = {"task": "data.task", "eps": "dp.target_epsilon", "rank": "lora.rank",
         "rounds": "fed.rounds", "batch": "data.batch_size", "lr": "optim.learning_rate",
@@ -19,19 +22,11 @@ MAX_LENGTH = {"boolq": 192, "piqa": 96, "winogrande": 64}
 
 def get_config(arg: str | None = None):
   c = base_config()
-  c.model.path = "smollm2-135m-instruct"
+  smollm2_dp_recipe(c, delta=1e-4)
   c.data.task = "piqa"
-  c.lora.targets = ("q", "v")
-  c.lora.rank = 4
   c.data.max_answer_tokens = 32
   c.data.eval_examples = 0  # the whole held-out part
   c.data.batch_size = 16
-  c.optim.microbatch_size = 8
-  c.optim.learning_rate = 0.5
-  c.dp.clip_norm = 1.0
-  c.dp.target_epsilon = 8.0
-  c.dp.delta = 1e-4
-  c.dp.accountant = "pld"
   c.fed.num_clients = 4
   c.fed.rounds = 5
   apply_args(c, arg, ARGS)
@@ -45,5 +40,5 @@ def get_config(arg: str | None = None):
 
 def sweep():
   return {"data.task": ["boolq", "piqa", "winogrande"],
-          "privacy": [{"dp.mode": "none"}, {"dp.target_epsilon": 8.0}],
+          "privacy": [{"dp.mode": "none", "optim.learning_rate": 0.2}, {"dp.target_epsilon": 8.0}],
           "fed.aggregation": ["fedavg", "ffa"]}

@@ -11,9 +11,12 @@ MedQuAD's shipped 1,297-pair sample is split 80/20 with a fixed seed (`all_sampl
 / `::test`); the loss covers the answer's first `data.max_answer_tokens` tokens; evaluation is
 greedy generation scored by ROUGE-1/2/L and the answer-token perplexity. LiveQA and MEDIQA are
 not shipped (no stated license): evaluate on them from their paths.
+
+The DP recipe is `configs.common.smollm2_dp_recipe` (found on TFNS, untuned here); the
+non-private sweep points use SGD lr 0.2.
 """
 
-from configs.common import apply_args, base_config
+from configs.common import apply_args, base_config, smollm2_dp_recipe
 
 ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "rounds": "fed.rounds",
         "batch": "data.batch_size", "lr": "optim.learning_rate", "mode": "dp.mode",
@@ -22,21 +25,13 @@ ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "rounds": "fed.rounds",
 
 def get_config(arg: str | None = None):
   c = base_config()
-  c.model.path = "smollm2-135m-instruct"
+  smollm2_dp_recipe(c, delta=1e-4)
   c.data.task = "medquad"
-  c.lora.targets = ("q", "v")
-  c.lora.rank = 4
   c.data.max_length = 128
   c.data.max_answer_tokens = 48
   c.data.max_new_tokens = 48
   c.data.eval_examples = 100
   c.data.batch_size = 16
-  c.optim.microbatch_size = 8
-  c.optim.learning_rate = 0.5
-  c.dp.clip_norm = 1.0
-  c.dp.target_epsilon = 8.0
-  c.dp.delta = 1e-4
-  c.dp.accountant = "pld"
   c.fed.num_clients = 4
   c.fed.rounds = 5
   apply_args(c, arg, ARGS)
@@ -46,5 +41,5 @@ def get_config(arg: str | None = None):
 
 
 def sweep():
-  return {"privacy": [{"dp.mode": "none"}, {"dp.target_epsilon": 8.0}],
+  return {"privacy": [{"dp.mode": "none", "optim.learning_rate": 0.2}, {"dp.target_epsilon": 8.0}],
           "fed.aggregation": ["fedavg", "ffa"]}
