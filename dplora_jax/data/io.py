@@ -124,7 +124,7 @@ def _read_parquet(path: str) -> Records:
   return Records(table.to_pylist(), path)
 
 
-def _read_hf_dir(path: str, split: str | None) -> Records:
+def _read_hf_dir(path: str, split: str | None) -> Records | None:
   _need_datasets(path)
   import datasets
   try:
@@ -141,8 +141,10 @@ def _read_hf_dir(path: str, split: str | None) -> Records:
       raise ValueError(f"{path}: no split {split!r}; it has {sorted(ds)}.")
     ds = ds[split]
     path = f"{path}::{split}"
-  elif split is not None and split not in PARTS:
-    raise ValueError(f"{path}: a single Dataset has no split {split!r}.")
+  elif split is not None:  # a single Dataset: PATH::train / ::test are its fixed-seed parts
+    if split not in PARTS:
+      raise ValueError(f"{path}: a single Dataset has no split {split!r}.")
+    return None
   return Records(list(ds), path)
 
 
@@ -190,11 +192,9 @@ def read_source(spec: str, test_fraction: float = 0.0, reader=read_records) -> R
   path, part = parse_source(spec)
   path = resolve(path)
   if os.path.isdir(path) and part is not None:
-    try:  # a DatasetDict split of that name, else a single Dataset split below like a file
-      return _read_hf_dir(path, part)
-    except ValueError:
-      if part not in PARTS:
-        raise
+    split = _read_hf_dir(path, part)  # a DatasetDict's split of that name
+    if split is not None:
+      return split
   records = reader(path)
   if part is None:
     return records

@@ -180,6 +180,14 @@ def test_every_file_format_gives_the_same_items(tmp_path):
     assert task.items(task.read(str(tmp_path / name), "eval"), dc) == want, name
   with pytest.raises(ValueError, match=r"hf: a DatasetDict with splits \['test', 'train'\]"):
     task.read(str(tmp_path / "hf"), "eval")
+  # a single Dataset directory: ::train / ::test are its fixed-seed parts, like a file's
+  import datasets
+  datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+  split_task = dataclasses.replace(task, test_fraction=0.4)
+  parts = [split_task.read(str(tmp_path / "one") + "::" + p, "eval") for p in ("train", "test")]
+  split = io.split_indices(len(rows), 0.4)
+  got = [[r["text"] for r in part] for part in parts]
+  assert got == [[rows[i]["text"] for i in split[p]] for p in ("train", "test")]
 
 
 def test_fixed_seed_parts_are_disjoint_and_cover_the_file():
