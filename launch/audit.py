@@ -8,6 +8,7 @@ confidence, and the guess counts. The last line printed is the lower bound.
 """
 
 import argparse
+import sys
 import json
 
 from dplora_jax import audit, config_files
@@ -15,7 +16,7 @@ from launch import cli
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(prog="python -m launch.audit", description=__doc__,
+  p = argparse.ArgumentParser(epilog=cli.OVERRIDE_HELP, prog="python -m launch.audit", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="config file[:args], e.g. configs/tiny.py")
   p.add_argument("--workdir", required=True, help="where the run and audit.json go")
@@ -26,7 +27,9 @@ def parse(argv):
   p.add_argument("--seed", type=int, default=0, help="canary draw seed")
   p.add_argument("--quiet", action="store_true")
   p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-  args = p.parse_args(argv)
+  rest, args_overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
+  args = p.parse_args(rest)
+  args.overrides = args_overrides
   if args.canaries < 2:
     p.error(f"--canaries={args.canaries} must be >= 2.")
   if not 0 < args.confidence < 1:
@@ -38,7 +41,7 @@ def parse(argv):
 
 def main(argv=None) -> int:
   args = parse(argv)
-  cfg = config_files.load_with_overrides(args.config)
+  cfg = config_files.load_with_overrides(args.config, args.overrides)
   out = audit.run_audit(cfg, args.workdir, canaries=args.canaries, confidence=args.confidence,
                         guess_fraction=args.guess_fraction, seed=args.seed,
                         progress=not args.quiet)

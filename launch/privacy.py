@@ -12,6 +12,7 @@ mechanism in plan order, space-separated). --json prints one JSON object instead
 """
 
 import argparse
+import sys
 import json
 
 from dplora_jax import build, config as config_lib, config_files
@@ -20,7 +21,7 @@ from launch import cli
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(prog="python -m launch.privacy", description=__doc__,
+  p = argparse.ArgumentParser(epilog=cli.OVERRIDE_HELP, prog="python -m launch.privacy", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", help="a config file, optionally with :args (configs/tiny.py:eps=2)")
   p.add_argument("--noise-multiplier", type=float, help="sigma (noise std / L2 sensitivity)")
@@ -34,7 +35,9 @@ def parse(argv):
                  help="RDP order grid (opacus / tf_privacy reproduce their published numbers)")
   p.add_argument("--json", action="store_true", help="print one JSON object")
   p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-  args = p.parse_args(argv)
+  rest, args_overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
+  args = p.parse_args(rest)
+  args.overrides = args_overrides
   mech = ("noise_multiplier", "target_epsilon", "sampling_rate", "steps", "delta")
   if args.config:
     given = [f"--{m.replace('_', '-')}" for m in mech if getattr(args, m) is not None]
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
   args = parse(argv)
   kind = args.accountant or "rdp"
   if args.config:
-    cfg = config_files.load_with_overrides(args.config)
+    cfg = config_files.load_with_overrides(args.config, args.overrides)
     if args.accountant and args.accountant != cfg.dp.accountant:
       cfg = config_lib.dataclasses.replace(
           cfg, dp=config_lib.dataclasses.replace(cfg.dp, accountant=args.accountant))
