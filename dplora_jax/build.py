@@ -84,10 +84,7 @@ def eval_items(cfg: RunConfig, eval_file: str = "") -> list:
   """The validated held-out items of the run's task (`data.eval_file`, or `eval_file`), cut to
   the fixed subset of `data.eval_examples` (the same rows for every run and for `launch.eval`)."""
   d = cfg.data
-  task = tasks.get(d.task)
-  records = io.subsample(task.read(eval_file or d.eval_file, "eval"), d.eval_examples,
-                         io.EVAL_SUBSET_SEED)
-  return task.items(records, d)
+  return tasks.get(d.task).heldout(eval_file or d.eval_file, d)[0]
 
 
 def records(cfg: RunConfig):
@@ -202,8 +199,8 @@ def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
   """
   d = cfg.data
   plan = privacy_plan(cfg)
-  task = tasks.get(d.task)
   train_items, evals, parts = records(cfg)
+  task = tasks.get(d.task)
   extra_n = [len(e) for e in extra_train] if extra_train else [0] * len(parts)
   sizes = [len(p) + extra_n[i] for i, p in enumerate(parts)]
   check_client_sizes(cfg, sizes)

@@ -7,7 +7,6 @@ import dataclasses
 from typing import Any
 
 from dplora_jax import config as config_lib, lora as lora_lib, peft, tasks
-from dplora_jax.data import io
 from dplora_jax.tasks.scoring import ModelParts
 
 # evaluation shapes per task kind when no workdir config says otherwise
@@ -83,7 +82,5 @@ def evaluate(ev: Evaluated, task_name: str, file: str = "", **overrides) -> dict
   task = tasks.get(task_name)
   dc = data_config(task_name, ev.run, **overrides)
   spec = file or (dc.eval_file if ev.run is not None and task_name == ev.run.data.task else "")
-  records = io.subsample(task.read(spec, "eval"), dc.eval_examples, io.EVAL_SUBSET_SEED)
-  items = task.items(records, dc)
-  out = task.evaluate(ev.parts, ev.tokenizer, items, dc)
-  return {"task": task_name, "file": records.source, **out}
+  items, source = task.heldout(spec, dc)
+  return {"task": task_name, "file": source, **task.evaluate(ev.parts, ev.tokenizer, items, dc)}

@@ -184,6 +184,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
                               z_bucket).compile()
   compile_s = time.time() - t0
   first_round_s = None
+  last_eval = None
   ledger = plan.ledger(start)  # one Ledger per round: its eps are computed once
   bar = tqdm(range(start, cfg.fed.rounds), desc="rounds", disable=not progress,
              initial=start, total=cfg.fed.rounds)
@@ -232,7 +233,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
     record = release.round_record(cfg.dp.mode, r + 1, nxt, public, up, down, exp_bytes,
                                   exp_bytes, diag)
     if cfg.eval_every and (r + 1) % cfg.eval_every == 0:  # the released LoRA, public data
-      record["eval"] = build_lib.evaluate(s, state.lora)
+      record["eval"] = last_eval = build_lib.evaluate(s, state.lora)
     if (r + 1) % cfg.log_every == 0 or r + 1 == cfg.fed.rounds:
       writer.write(record)
       tb.write(record)
@@ -245,7 +246,9 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   tb.close()
 
   lora = state.lora
-  after = build_lib.evaluate(s, lora)
+  # the last round's eval_every evaluation is already the "after" one
+  after = (last_eval if cfg.eval_every and cfg.fed.rounds % cfg.eval_every == 0
+           and last_eval is not None else build_lib.evaluate(s, lora))
   summary = report.summary(
       cfg, plan, ledger, comm, devices=n_dev, max_batch=s.max_batch,
       lora_params=lora_lib.count_params(lora), before=before, after=after,

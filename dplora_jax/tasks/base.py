@@ -57,6 +57,12 @@ class Task:
 
   reader = staticmethod(io.read_records)
 
+  def heldout(self, spec: str, dc) -> tuple[list, str]:
+    """(validated items, source) of the held-out data `spec` (or the task's default), cut to the
+    fixed subset of `dc.eval_examples` rows: the same rows for every run and for launch.eval."""
+    records = io.subsample(self.read(spec, "eval"), dc.eval_examples, io.EVAL_SUBSET_SEED)
+    return self.items(records, dc), records.source
+
   # --- what each kind implements -------------------------------------------------------------
   def items(self, records: io.Records, dc) -> list:
     """Validated items of the records. Raises ValueError naming file:line and field."""
