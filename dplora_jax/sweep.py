@@ -241,9 +241,7 @@ def plots(root: str, points: list[Point], rows: list[dict]):
   ax.set_xlabel("epsilon (example-level)")
   ax.set_ylabel(metric)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(root, "utility_vs_eps.png"), dpi=120)
-  plt.close(fig)
+  _save(fig, root, "utility_vs_eps.png")
 
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for agg in sorted({r["aggregation"] for r in rows}):
@@ -254,9 +252,7 @@ def plots(root: str, points: list[Point], rows: list[dict]):
   ax.set_xlabel("LoRA rank")
   ax.set_ylabel("bytes per client per round (up)")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(root, "bytes_vs_rank.png"), dpi=120)
-  plt.close(fig)
+  _save(fig, root, "bytes_vs_rank.png")
 
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
   for p in points:
@@ -273,8 +269,13 @@ def plots(root: str, points: list[Point], rows: list[dict]):
   a2.set_xlabel("round")
   a2.set_ylabel("held-out NLL (eval_every)")
   a1.legend(fontsize=6)
+  _save(fig, root, "rounds.png")
+
+
+def _save(fig, root: str, name: str):
+  import matplotlib.pyplot as plt
   fig.tight_layout()
-  fig.savefig(os.path.join(root, "rounds.png"), dpi=120)
+  fig.savefig(os.path.join(root, name), dpi=120)
   plt.close(fig)
 
 
