@@ -6,8 +6,8 @@ A checkpoint (one orbax step per saved round, under WORKDIR/checkpoints) holds:
   optimizer state to save.
 - "meta" (JSON): format version, the full config, the base model's path and fingerprint (the frozen
   weights are referenced, never saved), the privacy ledger (`dp.ledger.Ledger`), and the host state
-  (`host_state.HostState`: the secret root of all DP randomness, the samplers' RNG states,
-  communication totals, rounds done).
+  (`host_state.HostState`: the secret root of all DP randomness, from which every sampling
+  stream derives; communication totals, rounds done).
 
 A checkpoint therefore holds what strips the noise (the noise root, the samplers, intermediate
 LoRA): every file is written owner-only (0600, directories 0700), and nothing of it but the final
@@ -30,7 +30,9 @@ import orbax.checkpoint as ocp
 from dplora_jax import config as config_lib, workdir as workdir_lib
 from dplora_jax.dp.ledger import Ledger
 
-FORMAT_VERSION = 2  # 2: host state with secret sampling randomness; ledger segments
+# 2: host state with secret sampling randomness, ledger segments; 3: per-round sampling streams
+# from the root (a format-2 checkpoint resumes on them)
+FORMAT_VERSION = 3
 
 
 class CheckpointError(RuntimeError):

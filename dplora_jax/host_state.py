@@ -1,9 +1,9 @@
 """What the host carries between rounds, saved and restored as one object.
 
-`HostState` holds the run's secret DP randomness (noise key, example and client samplers), the
-Poisson sampler, the communication totals and the number of rounds done; the privacy ledger is a
-function of the plan and the rounds done (`PrivacyPlan.ledger`), written beside it so that
-readers of a checkpoint (export) need not rebuild the plan.
+`HostState` holds the run's secret DP randomness (noise key, per-round example and client
+sampling streams), the Poisson sampler, the communication totals and the number of rounds done;
+the privacy ledger is a function of the plan and the rounds done (`PrivacyPlan.ledger`), written
+beside it so that readers of a checkpoint (export) need not rebuild the plan.
 """
 
 from __future__ import annotations
@@ -26,17 +26,19 @@ class HostState:
   def create(cls, cfg, setup, comm: Communication) -> "HostState":
     randomness = DPRandomness(cfg.dp.reproducible_seed)
     sampler = sampling.PoissonSampler([len(c) for c in setup.clients], setup.rates,
-                                      setup.max_batch, randomness.example_rng,
-                                      poisson=cfg.data.sampling == "poisson",
+                                      setup.max_batch, poisson=cfg.data.sampling == "poisson",
                                       fixed_batch=cfg.data.batch_size)
     return cls(randomness, sampler, comm)
 
   def sample_round(self, cfg, num_slots: int):
-    """(participating clients [K] bool, idx and valid [slots, steps, Bmax]) of the next round,
-    from the secret samplers."""
-    part = sampling.sample_clients(self.randomness.client_rng, cfg.fed.num_clients,
+    """(participating clients [K] bool, idx and valid [slots, steps, Bmax]) of the next round
+    (`rounds_done`), from the secret per-round streams: client k's sample is what a deployed
+    client k draws for itself (`dplora_jax.deploy`)."""
+    r = self.rounds_done
+    part = sampling.sample_clients(self.randomness.clients(r), cfg.fed.num_clients,
                                    cfg.fed.client_rate)
-    idx, valid = self.sampler.sample(cfg.fed.local_steps, num_slots)
+    rngs = [self.randomness.examples(k, r) for k in range(cfg.fed.num_clients)]
+    idx, valid = self.sampler.sample(cfg.fed.local_steps, num_slots, rngs)
     return part, idx, valid
 
   def to_dict(self) -> dict:
@@ -49,6 +51,5 @@ class HostState:
     """Restores in place from `to_dict()` output (the sampler keeps its sizes and shapes)."""
     self.rounds_done = int(d["rounds_done"])
     self.randomness = DPRandomness.from_state(d["randomness"])
-    self.sampler.rng = self.randomness.example_rng
     self.sampler.restore(d["sampler"])
     self.comm.up_total, self.comm.down_total = d["comm"]["up_total"], d["comm"]["down_total"]

@@ -50,6 +50,19 @@ class JsonlWriter:
     with private_open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
 
+  def drop_after(self, last_round: int):
+    """Drops lines of rounds after `last_round` (a resumed run redoes them)."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path, encoding="utf-8") as f:
+      keep = [l for l in f if l.strip() and json.loads(l)["round"] <= last_round]
+    with private_open(self.path) as f:
+      f.writelines(keep)
+
+  def reset(self):
+    if os.path.exists(self.path):
+      os.remove(self.path)
+
 
 class TensorBoardWriter:
   """The same scalars as metrics.jsonl, as TensorBoard events in WORKDIR/tensorboard."""

@@ -70,16 +70,6 @@ def _check_workdir(workdir: str):
                           "--workdir.") from e
 
 
-def _truncate_metrics(path: str, last_round: int):
-  """Drops metrics lines of rounds after `last_round` (they are redone after a resume)."""
-  if not os.path.exists(path):
-    return
-  with open(path, encoding="utf-8") as f:
-    keep = [l for l in f if l.strip() and json.loads(l)["round"] <= last_round]
-  with open(path, "w", encoding="utf-8") as f:
-    f.writelines(keep)
-
-
 def run(cfg: RunConfig, workdir: str, *, progress: bool = True,
         extra_train: list | None = None) -> RunResult:
   """Trains `cfg`, or resumes it from the newest checkpoint in `workdir`.
@@ -148,9 +138,9 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
     host.restore(meta["host"])
     ckpt_lib.check_ledger(meta, plan.ledger(host.rounds_done),
                           os.path.join(ckpt.directory, str(resume_round)))
-    _truncate_metrics(writer.path, host.rounds_done)
-  elif os.path.exists(writer.path):
-    os.remove(writer.path)
+    writer.drop_after(host.rounds_done)
+  else:
+    writer.reset()
   start = host.rounds_done
   tb = TensorBoardWriter(workdir)
   noise_key = host.randomness.noise_key

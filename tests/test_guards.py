@@ -33,8 +33,8 @@ def test_non_finite_example_gradients_never_reach_the_sum():
 
 
 def _draws(r: DPRandomness):
-  return (np.asarray(jax.random.key_data(r.noise_key)), r.example_rng.random(64),
-          r.client_rng.random(64))
+  return (np.asarray(jax.random.key_data(r.noise_key)), r.examples(0, 0).random(64),
+          r.clients(0).random(64))
 
 
 def test_every_dp_random_stream_comes_from_os_entropy_unless_seeded():

@@ -1,15 +1,18 @@
 """Every source of DP randomness of a run, from one secret root.
 
 The DP-noise key, the per-example Poisson sampler (and its truncation choice) and the client
-sampler all derive from one 256-bit root drawn from the OS entropy pool (`os.urandom`). Nobody who
+sampler all derive from one 256-bit root drawn from the OS entropy pool (`os.urandom`). The
+samplers are stateless streams, one per (purpose, client, round) (numpy `SeedSequence` spawn
+keys), so a client that trains in its own process (`dplora_jax.deploy`) draws exactly what the
+one-program simulation draws for it, and a resumed run needs only the root. Nobody who
 knows the config (it is in summary.json) can regenerate them, which both the noise and the
 amplification by sampling that the accountant credits rely on. `dp.reproducible_seed >= 0` seeds
 the root instead, for reproductions: then anyone with the config can regenerate the noise and
 the samples, and the report says so. The config's `seed` never feeds any of these streams; it
 governs init, partitions and data order only.
 
-The root and the generators' states live in the checkpoint (owner-only) so that a resumed run is
-the same run; they never leave it.
+The root lives in the checkpoint (owner-only; a deployed client keeps its own in its state
+directory) so that a resumed run is the same run; it never leaves it.
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ class DPRandomness:
   Attributes:
     source: "os-entropy" or "reproducible seed N (not secret)".
     noise_key: the DP-noise key (clients and server derive per-round keys from it).
-    example_rng: numpy Generator of the per-example Poisson sampler and its truncation.
-    client_rng: numpy Generator of client sampling.
   """
 
   def __init__(self, reproducible_seed: int = -1, *, _root: int | None = None):
@@ -51,24 +52,29 @@ class DPRandomness:
                    f"reproducible seed {reproducible_seed} (not secret: anyone with the config can "
                    "regenerate the noise and the samples)")
     self._root = root
-    children = np.random.SeedSequence(root).spawn(3)
-    self.noise_key = _key_from(children[NOISE])
-    self.example_rng = np.random.default_rng(children[EXAMPLES])
-    self.client_rng = np.random.default_rng(children[CLIENTS])
+    self.noise_key = _key_from(np.random.SeedSequence(root, spawn_key=(NOISE,)))
+
+  def examples(self, client: int, round_: int) -> np.random.Generator:
+    """The generator of client `client`'s Poisson samples (and truncation) in round `round_`
+    (0-based): a fresh stream of its own, the same in every process that holds the root."""
+    return np.random.default_rng(np.random.SeedSequence(
+        self._root, spawn_key=(EXAMPLES, int(client), int(round_))))
+
+  def clients(self, round_: int) -> np.random.Generator:
+    """The generator of round `round_`'s client sample (the server's)."""
+    return np.random.default_rng(np.random.SeedSequence(self._root,
+                                                        spawn_key=(CLIENTS, int(round_))))
 
   @property
   def secret(self) -> bool:
     return self.reproducible_seed < 0
 
   def state(self) -> dict:
-    """JSON-serialisable state (secret: written only into the owner-only checkpoint)."""
-    return {"root": hex(self._root), "reproducible_seed": self.reproducible_seed,
-            "example_rng": self.example_rng.bit_generator.state,
-            "client_rng": self.client_rng.bit_generator.state}
+    """JSON-serialisable state (secret: written only into owner-only files)."""
+    return {"root": hex(self._root), "reproducible_seed": self.reproducible_seed}
 
   @classmethod
   def from_state(cls, state: dict) -> "DPRandomness":
-    r = cls(int(state["reproducible_seed"]), _root=int(state["root"], 16))
-    r.example_rng.bit_generator.state = state["example_rng"]
-    r.client_rng.bit_generator.state = state["client_rng"]
-    return r
+    """The randomness of `state()` (a format-2 checkpoint's generator states are not needed: the
+    streams are functions of the root)."""
+    return cls(int(state["reproducible_seed"]), _root=int(state["root"], 16))

@@ -57,7 +57,8 @@ class PoissonSampler:
   """
 
   def __init__(self, client_sizes: list[int], rates: list[float], max_batch: int,
-               rng: np.random.Generator, poisson: bool = True, fixed_batch: int = 0):
+               rng: np.random.Generator | None = None, poisson: bool = True,
+               fixed_batch: int = 0):
     """`rates[k]` is client k's Poisson rate (public: the plan's q); `fixed_batch` is the batch
     of non-Poisson sampling (non-private baselines and paper mode)."""
     if len(rates) != len(client_sizes):
@@ -70,24 +71,35 @@ class PoissonSampler:
     self.rng = rng
     self.overflows = 0  # over-full samples seen (a private diagnostic: never in default outputs)
 
-  def sample(self, num_steps: int, num_slots: int) -> tuple[np.ndarray, np.ndarray]:
+  def sample(self, num_steps: int, num_slots: int,
+             rngs: list[np.random.Generator] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Indices [K_slots, steps, max_batch] int32 and mask of the same shape (bool).
 
-    Slots beyond the real clients (device padding) get all-False masks.
+    `rngs[k]` draws client k's samples (`DPRandomness.examples(k, round)`); None: `self.rng` for
+    every client. Slots beyond the real clients (device padding) get all-False masks.
     """
     idx = np.zeros((num_slots, num_steps, self.max_batch), np.int32)
     valid = np.zeros((num_slots, num_steps, self.max_batch), bool)
-    for k, n in enumerate(self.sizes):
-      for s in range(num_steps):
-        if self.poisson:
-          chosen = np.flatnonzero(self.rng.random(n) < self.rates[k])
-        else:  # fixed-size batch without replacement (non-private baselines, paper mode)
-          chosen = self.rng.choice(n, size=min(self.fixed_batch, n), replace=False)
-        if len(chosen) > self.max_batch:
-          self.overflows += 1
-          chosen = self.rng.choice(chosen, size=self.max_batch, replace=False)
-        idx[k, s, :len(chosen)] = chosen
-        valid[k, s, :len(chosen)] = True
+    for k in range(len(self.sizes)):
+      idx[k], valid[k] = self.sample_client(k, num_steps, self.rng if rngs is None else rngs[k])
+    return idx, valid
+
+  def sample_client(self, k: int, num_steps: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Client k's indices and mask [steps, max_batch] for one round, drawn from `rng`."""
+    n = self.sizes[k]
+    idx = np.zeros((num_steps, self.max_batch), np.int32)
+    valid = np.zeros((num_steps, self.max_batch), bool)
+    for s in range(num_steps):
+      if self.poisson:
+        chosen = np.flatnonzero(rng.random(n) < self.rates[k])
+      else:  # fixed-size batch without replacement (non-private baselines, paper mode)
+        chosen = rng.choice(n, size=min(self.fixed_batch, n), replace=False)
+      if len(chosen) > self.max_batch:
+        self.overflows += 1
+        chosen = rng.choice(chosen, size=self.max_batch, replace=False)
+      idx[s, :len(chosen)] = chosen
+      valid[s, :len(chosen)] = True
     return idx, valid
 
   def state(self) -> dict:

@@ -117,27 +117,16 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
 
   def round_step(state: RoundState, frozen, data, idx, valid, weights, client_ids, noise_key,
                  buckets=None):
-    client_key = jax.random.fold_in(jax.random.fold_in(noise_key, 0), state.round)
-    server_key = jax.random.fold_in(jax.random.fold_in(noise_key, 1), state.round)
+    client_key, server_key = round_keys(noise_key, state.round)
     if buckets is None:  # every microbatch at the full length
       buckets = jax.sharding.reshard(
           jnp.full(idx.shape[:2] + (idx.shape[2] // spec.microbatch,),
                    max(len(spec.buckets) - 1, 0), jnp.int32), NamedSharding(mesh, P(AXIS)))
     summed, sums = sharded(state.lora, frozen, data, idx, valid, weights, client_ids,
                            client_key, state.client_clip, buckets)
-    public, client_clip = {}, state.client_clip
-    if client_dp is None:
-      denom = jnp.maximum(sums["weight"], 1e-12)
-      avg_delta = jax.tree.map(lambda d: d / denom, summed)
-    else:
-      avg_delta, client_clip, public = client_dp.release(
-          server_key, summed, sums["shifted_count"], state.client_clip)
-    neg = jax.tree.map(jnp.negative, avg_delta)
-    updates, server_opt = server_tx.update(neg, state.server_opt, state.lora)
-    new_lora = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype),
-                            state.lora, updates)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_lora)]))
-    public = dict(public, participants=sums["participants"], lora_finite=finite)
+    new_state, public = server_update(server_tx, client_dp, state, summed, sums["weight"],
+                                      sums.get("shifted_count"), server_key)
+    public = dict(public, participants=sums["participants"])
     diagnostics = {}
     if spec.diagnostics:
       n = jnp.maximum(sums["participants"], 1.0)
@@ -145,13 +134,59 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
                      "signal_norm": sums["signal_norm"] / n, "examples": sums["examples"]}
       if client_dp is not None:
         diagnostics["unclipped_clients"] = sums["shifted_count"] + 0.5 * sums["participants"]
-    metrics = {"public": public, "diagnostics": diagnostics}
-    return RoundState(state.round + 1, new_lora, server_opt, client_clip), metrics
+    return new_state, {"public": public, "diagnostics": diagnostics}
 
   # Pin the state's sharding (replicated) so round 2 sees exactly round 1's input layout and the
   # program compiles once.
   replicated = NamedSharding(mesh, P())
   return jax.jit(round_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
+def server_update(server_tx: optax.GradientTransformation, client_dp: ClientDP | None,
+                  state: RoundState, summed: PyTree, weight: jax.Array,
+                  shifted_count: jax.Array | None, server_key: jax.Array):
+  """The server's half of a round: from the summed client updates to the next state.
+
+  Shared by the one-program round (`make_round_step`) and the deployed server
+  (`dplora_jax.deploy.server`), so both apply the same mechanism and optimizer.
+
+  Args:
+    summed: without client-level DP, sum_k w_k delta_k; with it, the sum of updates clipped to
+      the state's S (`ClientDP.clip`).
+    weight: sum_k w_k, the FedAvg divisor (fixed before any client replies: the sampled clients'
+      weights); unused with client-level DP (its divisor is the public p K).
+    shifted_count: the adaptive-clipping count of `ClientDP.clip` (None without it).
+    server_key: this round's server noise key (client-level DP only).
+
+  Returns:
+    (new RoundState, public: client-level S and noised unclipped fraction where they exist, and
+    whether the new LoRA is finite).
+
+  Formal guarantee: with `client_dp`, `ClientDP.release` (see there); otherwise post-processing
+  of the clients' releases.
+  """
+  public, client_clip = {}, state.client_clip
+  if client_dp is None:
+    denom = jnp.maximum(weight, 1e-12)
+    avg_delta = jax.tree.map(lambda d: d / denom, summed)
+  else:
+    count = jnp.float32(0) if shifted_count is None else shifted_count
+    avg_delta, client_clip, public = client_dp.release(server_key, summed, count,
+                                                       state.client_clip)
+  neg = jax.tree.map(jnp.negative, avg_delta)
+  updates, server_opt = server_tx.update(neg, state.server_opt, state.lora)
+  new_lora = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype),
+                          state.lora, updates)
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_lora)]))
+  public = dict(public, lora_finite=finite)
+  return RoundState(state.round + 1, new_lora, server_opt, client_clip), public
+
+
+def round_keys(noise_key: jax.Array, round_: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(the clients' round key, the server's round key) of round `round_` (0-based). Client k uses
+  fold_in(clients' round key, k), then fold_in(., step)."""
+  return (jax.random.fold_in(jax.random.fold_in(noise_key, 0), round_),
+          jax.random.fold_in(jax.random.fold_in(noise_key, 1), round_))
 
 
 def shard_clients(mesh, tree: PyTree) -> PyTree:

@@ -60,19 +60,25 @@ def test_over_full_sample_is_cut_and_counted():
   assert (valid.sum(-1) == 8).all() and s.overflows == 5
 
 
-def test_host_state_round_trip_continues_every_secret_stream():
+def test_randomness_round_trip_gives_every_secret_stream_back():
   r = DPRandomness(-1)
-  a = sampling.PoissonSampler([50], [0.1], 16, rng=r.example_rng)
-  a.sample(2, 1)
-  r.client_rng.random(3)
-  st, sst = r.state(), a.state()
-  r2 = DPRandomness.from_state(st)
-  b = sampling.PoissonSampler([50], [0.1], 16, rng=r2.example_rng)
-  b.restore(sst)
-  np.testing.assert_array_equal(a.sample(3, 1)[0], b.sample(3, 1)[0])
-  np.testing.assert_array_equal(r.client_rng.random(5), r2.client_rng.random(5))
+  r2 = DPRandomness.from_state(r.state())
+  a = sampling.PoissonSampler([50], [0.1], 16)
+  for k, rnd in ((0, 0), (0, 3), (2, 1)):
+    np.testing.assert_array_equal(a.sample_client(0, 3, r.examples(k, rnd))[0],
+                                  a.sample_client(0, 3, r2.examples(k, rnd))[0])
+  np.testing.assert_array_equal(r.clients(4).random(5), r2.clients(4).random(5))
   np.testing.assert_array_equal(jax.random.key_data(r.noise_key),
                                 jax.random.key_data(r2.noise_key))
+
+
+def test_every_client_and_round_draws_its_own_stream():
+  """No two (client, round) sampling streams, nor the client sampler, share draws."""
+  r = DPRandomness(-1)
+  draws = [r.examples(k, rnd).random(8) for k in range(3) for rnd in range(3)]
+  draws += [r.clients(rnd).random(8) for rnd in range(3)]
+  flat = np.concatenate(draws)
+  assert len(np.unique(flat)) == len(flat)
 
 
 def test_choose_max_batch_meets_budget():

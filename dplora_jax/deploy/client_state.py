@@ -1,0 +1,115 @@
+"""What an institution's client keeps on its own disk: its secret randomness and its ledger.
+
+The state directory (node config `state-dir`) is owner-only and never leaves the institution:
+- `dplora_client.json`: the root of the client's DP randomness (`dp.randomness.DPRandomness`, from
+  its own `os.urandom`), and its example-level ledger: for every run it trained in, the
+  accounted mechanism (q, sigma, steps per round, truncation) and each round it trained with the
+  digest of the global model it started from.
+- `jax_cache/`: JAX's persistent compilation cache (a ClientApp runs in a fresh process per
+  message; the cache makes every round after the first skip compilation).
+
+The ledger is written (atomically) before an update leaves, so a crash never loses a release.
+Its eps composes every run on this client's data (dp-accounting, `dp.ledger`), and is what the
+budget guard compares with the institution's own `max-epsilon`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from dplora_jax import workdir as workdir_lib
+from dplora_jax.dp.ledger import LedgerEntry, Segment
+from dplora_jax.dp.randomness import DPRandomness
+
+STATE_FILE = "dplora_client.json"
+VERSION = 1
+
+
+class ClientState:
+  """The client's durable state (one JSON file, 0600, replaced atomically)."""
+
+  def __init__(self, state_dir: str):
+    self.dir = os.path.abspath(state_dir)
+    workdir_lib.make_private_dir(self.dir)
+    self.path = os.path.join(self.dir, STATE_FILE)
+    if os.path.exists(self.path):
+      with open(self.path, encoding="utf-8") as f:
+        d = json.load(f)
+      if d.get("version") != VERSION:
+        raise ValueError(f"{self.path}: state version {d.get('version')!r}, expected {VERSION}.")
+      self.root = d["root"]
+      self.runs = d["runs"]
+    else:
+      self.root = DPRandomness(-1).state()  # this client's own secret root
+      self.runs = {}
+      self.save()
+
+  def randomness(self, reproducible_seed: int = -1) -> DPRandomness:
+    """The client's randomness: its own secret root, or a reproducible seed (tests only; the
+    node must allow it)."""
+    if reproducible_seed >= 0:
+      return DPRandomness(reproducible_seed)
+    return DPRandomness.from_state(self.root)
+
+  def trained(self, run_id: str, round_: int) -> str | None:
+    """The digest of the global model round `round_` of `run_id` was trained from, or None."""
+    return self.runs.get(run_id, {}).get("rounds", {}).get(str(round_))
+
+  def rounds_trained(self, run_id: str) -> int:
+    return len(self.runs.get(run_id, {}).get("rounds", {}))
+
+  def record(self, run_id: str, round_: int, model_digest: str, mechanism: dict):
+    """Records a trained round (call before the update leaves) and saves."""
+    run = self.runs.setdefault(run_id, {"mechanism": mechanism, "rounds": {}})
+    if run["mechanism"] != mechanism:
+      raise ValueError(f"run {run_id}: its mechanism changed between rounds.")
+    run["rounds"][str(round_)] = model_digest
+    self.save()
+
+  def entry(self, extra_run: tuple[str, dict] | None = None, extra_rounds: int = 0,
+            accountant_delta: float | None = None) -> LedgerEntry | None:
+    """The example-level ledger over every run on this data (None if nothing was trained).
+
+    Args:
+      extra_run: (run_id, mechanism) of a run to charge `extra_rounds` more rounds (the guard's
+        "what if I train once more").
+      accountant_delta: the delta to report eps at (default: the largest of the runs').
+    """
+    runs = {k: dict(v, n=len(v["rounds"])) for k, v in self.runs.items()}
+    if extra_run is not None:
+      rid, mech = extra_run
+      runs.setdefault(rid, {"mechanism": mech, "n": 0})
+      runs[rid] = dict(runs[rid], n=runs[rid]["n"] + extra_rounds)
+    segs, deltas, acc = [], [], "rdp"
+    for rid, run in sorted(runs.items()):
+      m = run["mechanism"]
+      if run["n"] == 0:
+        continue
+      segs.append(Segment(m["sampling_rate"], m["noise_multiplier"],
+                          run["n"] * m["releases_per_round"], m["extra_delta"],
+                          dataset_size=m["dataset_size"], max_batch=m["max_batch"],
+                          source=f"run {rid}"))
+      deltas.append(m["accountant_delta"])
+      acc = "pld" if m["accountant"] == "pld" or acc == "pld" else "rdp"
+    if not segs:
+      return None
+    delta = accountant_delta if accountant_delta is not None else max(deltas)
+    return LedgerEntry("example", "one example of this client (add/remove)", acc, delta,
+                       tuple(segs))
+
+  def save(self):
+    tmp = self.path + ".tmp"
+    with workdir_lib.private_open(tmp) as f:
+      json.dump({"version": VERSION, "root": self.root, "runs": self.runs}, f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
+
+
+def mechanism_record(mech) -> dict:
+  """The accounting facts of a plan's example-level `Mechanism` that the ledger keeps."""
+  return {"sampling_rate": mech.sampling_rate, "noise_multiplier": mech.noise_multiplier,
+          "releases_per_round": mech.releases_per_round, "extra_delta": mech.extra_delta,
+          "dataset_size": mech.dataset_size, "max_batch": mech.max_batch,
+          "accountant": mech.accountant, "accountant_delta": mech.accountant_delta}
