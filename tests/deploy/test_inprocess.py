@@ -1,0 +1,225 @@
+"""The deployment's server and clients in one process (an in-memory transport): equal to the
+simulation, the fixed divisor, budgets, guards, what travels, and resume after a server crash.
+
+The same code runs behind Flower in tests/deploy/test_flower.py (real processes)."""
+
+import dataclasses
+import json
+import os
+
+import dp_accounting
+import jax
+import numpy as np
+import pytest
+from dp_accounting import rdp
+
+from dplora_jax import config_files, train
+from dplora_jax.deploy import client as client_lib, data as data_lib, protocol
+from dplora_jax.deploy import server as server_lib
+from dplora_jax.dp import accounting
+from dplora_jax.dp.randomness import DPRandomness
+
+SPEC = "configs/tiny.py:clients=3,rounds=3"
+SEED = 7
+
+
+class Transport:
+  """In-memory transport: node id -> InstitutionClient; records every message; `drop(r, c)`
+  loses client c's train message of round r; `crash_at` raises before sending that round."""
+
+  def __init__(self, clients: dict[int, client_lib.InstitutionClient]):
+    self.clients = dict(clients)
+    self.sent, self.replies = [], []
+    self.drops, self.crash_at, self.rejoin = set(), None, {}
+
+  def node_ids(self):
+    return sorted(self.clients)
+
+  def send(self, kind, messages, timeout):
+    out = {}
+    for node, msg in messages.items():
+      rnd = msg["config"].get("round")
+      if kind == protocol.TRAIN and rnd == self.crash_at:
+        raise KeyboardInterrupt("server killed")
+      self.sent.append((kind, node, msg))
+      cid = self.clients[node].node.client_id
+      if kind == protocol.TRAIN and (rnd, cid) in self.drops:
+        out[node] = None
+        if cid in self.rejoin:  # the node restarts: a new node id from now on
+          self.clients[self.rejoin.pop(cid)] = self.clients.pop(node)
+        continue
+      out[node] = self.clients[node].handle(kind, msg)
+      self.replies.append((kind, cid, out[node]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+  root = tmp_path_factory.mktemp("deploy")
+  cfg = config_files.load_with_overrides(SPEC, {"dp.reproducible_seed": str(SEED)})
+  sim = train.run(cfg, str(root / "sim"), progress=False)
+  paths = data_lib.write_client_files(cfg, str(root / "data"))
+  return cfg, sim, paths, root
+
+
+def _clients(paths, root, name, max_epsilon=100.0):
+  return {100 + k: client_lib.InstitutionClient(client_lib.NodeSettings(
+      k, p, str(root / f"{name}_state{k}"), max_epsilon, allow_reproducible_seed=True))
+      for k, p in enumerate(paths)}
+
+
+def _serve(cfg, transport, workdir, evaluate=False):
+  return server_lib.serve(cfg, transport, server_lib.ServerSettings(
+      str(workdir), wait_for_clients=0, evaluate=evaluate), log=lambda m: None)
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _assert_close(a, b, atol=1e-6):
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+
+
+def test_deployment_equals_the_simulation_and_sends_only_the_release(fed):
+  cfg, sim, paths, root = fed
+  clients = _clients(paths, root, "eq")
+  t = Transport(clients)
+  res = _serve(cfg, t, root / "eq_server", evaluate=True)
+  _assert_close(res.state.lora, sim.lora)
+  assert res.summary["eval"]["after"] == pytest.approx(sim.summary["eval"]["after"])
+  # eps: server, every client's own ledger and the simulation all equal the accountant's value
+  # computed here from first principles (q = B / N, the plan's sigma, rounds x local steps)
+  mech = sim.setup.plan.get("example")
+  acc = rdp.RdpAccountant(accounting.ORDER_PRESETS["default"])
+  acc.compose(dp_accounting.PoissonSampledDpEvent(
+      cfg.data.batch_size / cfg.data.max_client_size,
+      dp_accounting.GaussianDpEvent(mech.noise_multiplier)), cfg.fed.rounds * cfg.fed.local_steps)
+  want = acc.get_epsilon(mech.accountant_delta)
+  assert res.summary["epsilon"] == pytest.approx(want, rel=1e-9)
+  assert sim.summary["epsilon"] == pytest.approx(want, rel=1e-9)
+  for c in clients.values():
+    assert c.state.entry().epsilon == pytest.approx(want, rel=1e-9)
+    assert c.state.rounds_trained(res.summary["deployment"]["run_id"]) == cfg.fed.rounds
+  # what reached the server: exactly the schema, the LoRA's own arrays, nothing secret
+  names = set(protocol.lora_names(sim.lora))
+  secrets = []
+  for c in clients.values():
+    r = c.state.randomness(SEED)
+    secrets.append(np.asarray(jax.random.key_data(r.noise_key)).tobytes())
+    secrets.append(np.asarray(jax.random.key_data(DPRandomness.from_state(c.state.root).noise_key))
+                   .tobytes())
+  roots = [c.state.root["root"] for c in clients.values()]
+  assert len(t.replies) == 3 + 3 * cfg.fed.rounds
+  for kind, cid, rep in t.replies:
+    assert set(rep["config"]) == protocol.REPLY_KEYS[kind]
+    assert set(rep["arrays"]) == (names if kind == protocol.TRAIN else set())
+    text = json.dumps(rep["config"])
+    assert not any(root_hex[2:] in text for root_hex in roots)
+    payload = b"".join(a.tobytes() for a in rep["arrays"].values())
+    assert not any(s in payload for s in secrets)
+  # the state files are owner-only (they hold the root)
+  for c in clients.values():
+    assert os.stat(c.state.path).st_mode & 0o077 == 0
+
+
+def test_a_dropped_client_is_a_non_contribution_and_rejoins(fed):
+  cfg, sim, paths, root = fed
+  clients = _clients(paths, root, "drop")
+  t = Transport(clients)
+  t.drops, t.rejoin = {(1, 2)}, {2: 999}  # client 2's node dies in round 2, restarts with id 999
+  res = _serve(cfg, t, root / "drop_server")
+  lines = [json.loads(l) for l in open(root / "drop_server" / "metrics.jsonl")]
+  assert [(l["participants"], l["sampled"], l["dropped"]) for l in lines] == [
+      (3, 3, 0), (2, 3, 1), (3, 3, 0)]
+  # round 2's global update = the two replies / 3 (the divisor fixed before anyone replied)
+  sent = [protocol.arrays_to_lora(m["arrays"], sim.lora) for k, n, m in t.sent
+          if k == protocol.TRAIN and m["config"]["round"] in (1, 2)]
+  before, after = sent[0], sent[-1]
+  deltas = [protocol.arrays_to_lora(rep["arrays"], sim.lora) for k, cid, rep in t.replies
+            if k == protocol.TRAIN and rep["config"]["round"] == 1]
+  assert len(deltas) == 2
+  want = jax.tree.map(lambda b, d0, d1: b + (d0 + d1) / 3.0, before, *deltas)
+  _assert_close(after, want)
+  # client 2 trained rounds 1 and 3 only, and its ledger says so
+  c2 = t.clients[999]
+  run_id = res.summary["deployment"]["run_id"]
+  assert c2.state.rounds_trained(run_id) == 2 and c2.state.trained(run_id, 1) is None
+  mech = sim.setup.plan.get("example")
+  assert c2.state.entry().epsilon == pytest.approx(mech.epsilon_after(2), rel=1e-9)
+  assert c2.state.entry().epsilon < mech.epsilon
+
+
+def test_clients_out_of_budget_refuse_and_the_server_stops(fed):
+  cfg, sim, paths, root = fed
+  one_round = sim.setup.plan.get("example").epsilon_after(1)
+  clients = _clients(paths, root, "budget", max_epsilon=one_round * 1.001)
+  t = Transport(clients)
+  res = _serve(cfg, t, root / "budget_server")
+  dep = res.summary["deployment"]
+  assert dep["rounds_done"] == 1 and "out of privacy budget" in dep["stopped"]
+  refusals = [rep["config"] for k, _, rep in t.replies if rep["config"]["status"] == "refused"]
+  assert len(refusals) == 3 and all(r["reason"].startswith("privacy budget") for r in refusals)
+  assert all(not rep["arrays"] for *_, rep in t.replies if rep["config"]["status"] == "refused")
+  for c in clients.values():
+    assert c.state.entry().epsilon == pytest.approx(one_round, rel=1e-9)
+
+
+def test_client_guards(fed, tmp_path):
+  cfg, sim, paths, root = fed
+  node = client_lib.NodeSettings(0, paths[0], str(tmp_path / "s0"), 100.0,
+                                 allow_reproducible_seed=True)
+  c = client_lib.InstitutionClient(node)
+  cfg_dict = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  fp = sim.setup.fingerprint
+  lora = protocol.lora_to_arrays(sim.lora)
+
+  def train(config=cfg_dict, fingerprint=fp, arrays=lora, round_=0, run="r"):
+    msg = protocol.instruction(protocol.TRAIN, run_id=run, config=config,
+                               model_fingerprint=fingerprint, round_=round_, lora=arrays)
+    return c.handle(protocol.TRAIN, msg)
+
+  first = train()
+  assert first["config"]["status"] == "ok"
+  again = train()  # the same round from the same model: the same release, charged once
+  for n in first["arrays"]:
+    np.testing.assert_array_equal(first["arrays"][n], again["arrays"][n])
+  assert c.state.rounds_trained("r") == 1
+  other = {n: a + 1.0 for n, a in lora.items()}  # the same round from another model: refused
+  assert "already trained" in train(arrays=other)["config"]["reason"]
+  assert "base model mismatch" in train(fingerprint="0" * 64)["config"]["reason"]
+  for mode in ("none", "client"):
+    d = json.loads(json.dumps(cfg_dict))
+    d["dp"]["mode"] = mode
+    assert "does not protect" in train(config=d, run=mode)["config"]["reason"]
+  strict = client_lib.InstitutionClient(dataclasses.replace(node, allow_reproducible_seed=False,
+                                                            state_dir=str(tmp_path / "s1")))
+  msg = protocol.instruction(protocol.TRAIN, run_id="r", config=cfg_dict, model_fingerprint=fp,
+                             lora=lora)
+  assert "reproducible_seed" in strict.handle(protocol.TRAIN, msg)["config"]["reason"]
+  d = json.loads(json.dumps(cfg_dict))
+  d["data"]["max_client_size"] = 10  # this client holds more than the public bound
+  assert "above the public bound" in train(config=d, run="small")["config"]["reason"]
+  with pytest.raises(ValueError, match="max-epsilon"):
+    client_lib.NodeSettings.from_node_config({"partition-id": 0, "data-path": "x",
+                                              "state-dir": "y"})
+  with pytest.raises(ValueError, match="trust-server"):
+    client_lib.NodeSettings.from_node_config({"partition-id": 0, "data-path": "x",
+                                              "state-dir": "y", "max-epsilon": 1,
+                                              "trust-server": "maybe"})
+
+
+def test_a_killed_server_resumes_and_the_run_is_unchanged(fed):
+  cfg, sim, paths, root = fed
+  clients = _clients(paths, root, "resume")
+  t = Transport(clients)
+  t.crash_at = 2  # killed after round 2's checkpoint, while sending round 3
+  with pytest.raises(KeyboardInterrupt):
+    _serve(cfg, t, root / "resume_server")
+  t.crash_at = None
+  res = _serve(cfg, t, root / "resume_server")
+  assert res.summary["resumed_from_round"] == 2
+  _assert_close(res.state.lora, sim.lora)
+  lines = [json.loads(l)["round"] for l in open(root / "resume_server" / "metrics.jsonl")]
+  assert lines == [1, 2, 3]

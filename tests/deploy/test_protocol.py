@@ -1,0 +1,57 @@
+"""The message schema: what may travel between server and client, checked on both sides."""
+
+import jax
+import numpy as np
+import pytest
+
+from dplora_jax.deploy import protocol
+from tests import tiny
+
+
+def _ok(**over):
+  c = dict(client_id=0, round=1, status="ok", reason="", epsilon=1.0, epsilon_budget=8.0)
+  return c | over
+
+
+def test_lora_round_trips_through_named_float32_arrays():
+  _, lora, _ = tiny.model_and_lora()
+  arrays = protocol.lora_to_arrays(lora)
+  assert all(a.dtype == np.float32 for a in arrays.values())
+  assert "layers.attn.q.lora_b" in arrays
+  back = protocol.arrays_to_lora(arrays, lora)
+  for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(protocol.ProtocolError, match="missing"):
+    protocol.arrays_to_lora({k: v for k, v in list(arrays.items())[1:]}, lora)
+  bad = dict(arrays)
+  name = next(iter(bad))
+  bad[name] = np.full_like(bad[name], np.nan)
+  with pytest.raises(protocol.ProtocolError, match="not finite"):
+    protocol.arrays_to_lora(bad, lora)
+
+
+def test_a_reply_cannot_carry_anything_outside_the_schema():
+  arrays = {"x": np.zeros(3, np.float32)}
+  protocol.reply(protocol.TRAIN, arrays, **_ok())
+  with pytest.raises(protocol.ProtocolError, match="schema"):  # e.g. a leaked statistic
+    protocol.reply(protocol.TRAIN, arrays, **_ok(loss=0.3))
+  with pytest.raises(protocol.ProtocolError, match="schema"):
+    protocol.reply(protocol.TRAIN, arrays, **{k: v for k, v in _ok().items() if k != "epsilon"})
+  with pytest.raises(protocol.ProtocolError, match="float32"):
+    protocol.reply(protocol.TRAIN, {"x": np.zeros(3, np.float64)}, **_ok())
+  with pytest.raises(protocol.ProtocolError, match="no arrays"):  # a refusal sends nothing
+    protocol.reply(protocol.TRAIN, arrays, **_ok(status="refused"))
+  with pytest.raises(protocol.ProtocolError, match="scalars"):
+    protocol.reply(protocol.TRAIN, arrays, **_ok(reason=["a"]))
+  with pytest.raises(protocol.ProtocolError, match="unknown message kind"):
+    protocol.reply("evaluate", arrays, **_ok())
+
+
+def test_flower_records_round_trip_the_message():
+  from dplora_jax.deploy import flower
+  msg = protocol.reply(protocol.TRAIN, {"a.b": np.arange(6, dtype=np.float32).reshape(2, 3)},
+                       **_ok())
+  back = flower.from_record(flower.to_record(msg))
+  assert back["config"] == msg["config"]
+  np.testing.assert_array_equal(back["arrays"]["a.b"], msg["arrays"]["a.b"])
+  assert back["arrays"]["a.b"].dtype == np.float32
