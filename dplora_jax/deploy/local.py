@@ -183,6 +183,8 @@ class LocalFederation:
           continue
         out.append(line)
         self.log(line)
+        with open(os.path.join(self.root, "flwr_run.log"), "a") as f:
+          f.write(line + "\n")
         if on_line and on_line(line):
           return -1, "\n".join(out)
       p.wait(timeout=30)

@@ -13,14 +13,12 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 
-from dplora_jax import config_files, train
-from dplora_jax.deploy import client as client_lib, data as data_lib, protocol
+from dplora_jax.deploy import client as client_lib, protocol
 from dplora_jax.deploy import server as server_lib
 from dplora_jax.dp import accounting
 from dplora_jax.dp.randomness import DPRandomness
 
-SPEC = "configs/tiny.py:clients=3,rounds=3"
-SEED = 7
+from tests.deploy.conftest import SEED
 
 
 class Transport:
@@ -53,13 +51,9 @@ class Transport:
     return out
 
 
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory):
-  root = tmp_path_factory.mktemp("deploy")
-  cfg = config_files.load_with_overrides(SPEC, {"dp.reproducible_seed": str(SEED)})
-  sim = train.run(cfg, str(root / "sim"), progress=False)
-  paths = data_lib.write_client_files(cfg, str(root / "data"))
-  return cfg, sim, paths, root
+@pytest.fixture
+def fed(deploy_sim):
+  return deploy_sim
 
 
 def _clients(paths, root, name, max_epsilon=100.0):
