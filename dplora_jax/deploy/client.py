@@ -194,7 +194,7 @@ class InstitutionClient:
                        f"data.max_client_size={d.max_client_size}")
     if len(ex) == 0:
       raise ValueError(f"{d.train_file} holds no training examples")
-    plan = build_lib.privacy_plan(cfg)
+    plan = self.state.plan(cfg, build_lib.privacy_plan)
     max_batch, rates = build_lib.sampling_shape(cfg, plan, [len(ex)])
     sampler = sampling.PoissonSampler([len(ex)], rates, max_batch,
                                       poisson=d.sampling == "poisson", fixed_batch=d.batch_size)

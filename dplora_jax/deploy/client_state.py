@@ -5,8 +5,9 @@ The state directory (node config `state-dir`) is owner-only and never leaves the
   its own `os.urandom`), and its example-level ledger: for every run it trained in, the
   accounted mechanism (q, sigma, steps per round, truncation) and each round it trained with the
   digest of the global model it started from.
-- `jax_cache/`: JAX's persistent compilation cache (a ClientApp runs in a fresh process per
-  message; the cache makes every round after the first skip compilation).
+- `jax_cache/`: JAX's persistent compilation cache, and `plans/`: this client's own privacy plans
+  per config (a ClientApp runs in a fresh process per message; both make every message after the
+  first skip compilation and noise calibration).
 
 The ledger is written (atomically) before an update leaves, so a crash never loses a release.
 Its eps composes every run on this client's data (dp-accounting, `dp.ledger`), and is what the
@@ -15,8 +16,10 @@ budget guard compares with the institution's own `max-epsilon`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 
 from dplora_jax import workdir as workdir_lib
 from dplora_jax.dp.ledger import LedgerEntry, Segment
@@ -97,6 +100,25 @@ class ClientState:
     delta = accountant_delta if accountant_delta is not None else max(deltas)
     return LedgerEntry("example", "one example of this client (add/remove)", acc, delta,
                        tuple(segs))
+
+  def plan(self, cfg, make):
+    """The privacy plan of `cfg`, computed here once by `make(cfg)` (never taken from the
+    server) and kept in this client's own directory."""
+    from dplora_jax import __version__, config as config_lib
+    key = hashlib.sha256(json.dumps([__version__, config_lib.to_dict(cfg)],
+                                    sort_keys=True).encode()).hexdigest()
+    path = os.path.join(self.dir, "plans", key + ".pkl")
+    if os.path.exists(path):
+      with open(path, "rb") as f:
+        return pickle.load(f)
+    plan = make(cfg)
+    workdir_lib.make_private_dir(os.path.dirname(path))
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+      pickle.dump(plan, f)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return plan
 
   def save(self):
     tmp = self.path + ".tmp"

@@ -13,6 +13,7 @@ Run config of the ServerApp (`flwr run launch/flower <federation> --run-config '
   workdir           the server's owner-only working directory (resumes from its checkpoints)
   round-timeout     seconds to wait for the sampled clients' replies
   wait-for-clients  seconds to wait at start for all clients to join
+  evaluate          evaluate the global LoRA on the public held-out set before and after
 Node config of a ClientApp (`flower-supernode --node-config '...'`): see
 `deploy.client.NodeSettings`.
 """
@@ -108,8 +109,17 @@ def server_settings(run_config: dict):
   cfg = config_files.load_with_overrides(spec, overrides)
   settings = ServerSettings(os.path.abspath(workdir),
                             round_timeout=float(run_config.get("round-timeout", 600)),
-                            wait_for_clients=float(run_config.get("wait-for-clients", 120)))
+                            wait_for_clients=float(run_config.get("wait-for-clients", 120)),
+                            evaluate=_flag(run_config.get("evaluate", True), "evaluate"))
   return cfg, settings
+
+
+def _flag(value, key: str) -> bool:
+  if isinstance(value, bool):
+    return value
+  if str(value).lower() in ("true", "false"):
+    return str(value).lower() == "true"
+  raise ValueError(f"run config {key}={value!r}; expected true or false.")
 
 
 @server_app.main()

@@ -162,7 +162,8 @@ class LocalFederation:
     `on_line(line)` sees each output line as it arrives (return True to stop waiting: the run
     keeps going on the SuperLink).
     """
-    rc = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}"
+    rc = " ".join(f'{k}="{v}"' if isinstance(v, str) else
+                  f"{k}={str(v).lower()}" if isinstance(v, bool) else f"{k}={v}"
                   for k, v in run_config.items())
     cmd = [_bin("flwr"), "run", app_dir, "local", "--stream", "--run-config", rc]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -184,7 +185,7 @@ class LocalFederation:
         out.append(line)
         self.log(line)
         with open(os.path.join(self.root, "flwr_run.log"), "a") as f:
-          f.write(line + "\n")
+          f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
         if on_line and on_line(line):
           return -1, "\n".join(out)
       p.wait(timeout=30)

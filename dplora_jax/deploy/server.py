@@ -206,7 +206,10 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
     return task.evaluate(ModelParts(graphdef, jax.device_get(lora_tree), frozen), tok, items,
                          cfg.data)
 
-  before = evaluate(lora)
+  # the initial LoRA's evaluation (deterministic) is kept in the checkpoint, not redone on resume
+  before = meta["deploy"].get("before") if meta is not None else None
+  if before is None:
+    before = evaluate(lora)
   hello = protocol.instruction(protocol.HELLO, run_id=run_id, config=cfg_dict,
                                model_fingerprint=fingerprint)
   clients = _Clients(transport, hello, k, log)
@@ -307,7 +310,7 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
     rounds_done = r + 1
     ckpt.save(rounds_done, state, {
         "config": cfg_dict, "model": {"path": model_path, "fingerprint": fingerprint},
-        "ledger": ledger.to_dict(), "deploy": {"run_id": run_id},
+        "ledger": ledger.to_dict(), "deploy": {"run_id": run_id, "before": before},
         "host": {"rounds_done": rounds_done, "randomness": randomness.state(),
                  "comm": {"up_total": comm.up_total, "down_total": comm.down_total}}})
     log(f"round {r + 1}/{cfg.fed.rounds}: {participants} of {len(sampled)} sampled clients "

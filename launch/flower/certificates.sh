@@ -15,10 +15,10 @@ san="DNS:localhost,IP:127.0.0.1,IP:::1"
 for extra in "$@"; do san="$san,$extra"; done
 mkdir -p "$out"
 cd "$out"
-openssl genrsa -out ca.key 4096 2>/dev/null
+openssl genrsa -out ca.key 3072 2>/dev/null
 openssl req -new -x509 -key ca.key -sha256 -subj "/O=dplora_jax test CA/CN=dplora-test-ca" \
   -days 365 -out ca.crt
-openssl genrsa -out server.key 4096 2>/dev/null
+openssl genrsa -out server.key 2048 2>/dev/null
 openssl req -new -key server.key -subj "/O=dplora_jax/CN=localhost" -out server.csr
 printf "subjectAltName=%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n" \
   "$san" > server.ext

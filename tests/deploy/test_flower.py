@@ -33,7 +33,8 @@ def test_flower_deployment_with_tls_auth_crash_and_resume_equals_the_simulation(
   workdir = root / "server"
   run_config = {"config": os.path.abspath(SPEC.split(":")[0]) + ":" + SPEC.split(":")[1],
                 "overrides": f"dp.reproducible_seed={SEED}", "workdir": str(workdir),
-                "round-timeout": 300.0, "wait-for-clients": 60.0}
+                "round-timeout": 300.0, "wait-for-clients": 60.0,
+                "evaluate": False}  # evaluation is tested in-process
   logs = []
   with local.LocalFederation(str(root / "fed"), tls=tls, auth=True, log=logs.append) as fed:
     fed.start_superlink()
