@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import pathlib
+import shutil
 import socket
 import stat
 import subprocess
@@ -115,16 +116,25 @@ def _read_scalars(logdir):
   return out
 
 
-def _half_run(tmp_path):
+@pytest.fixture(scope="module")
+def half_run_template(tmp_path_factory):
   """A workdir holding the checkpoint of round 2 of 4 (killed right after saving it)."""
-  wd = str(tmp_path / "run")
+  wd = str(tmp_path_factory.mktemp("half") / "run")
   subprocess.run([sys.executable, "-m", "tests.kill_run", wd, ARG, "2", "after_save"], cwd=ROOT,
                  capture_output=True)
   return wd
 
 
-def test_resume_refuses_a_changed_privacy_field_and_accepts_a_changed_cadence(tmp_path):
-  wd = _half_run(tmp_path)
+def _half_run(tmp_path, template):
+  """A fresh copy of the killed run's workdir (each test changes its own)."""
+  wd = str(tmp_path / "run")
+  shutil.copytree(template, wd)
+  return wd
+
+
+def test_resume_refuses_a_changed_privacy_field_and_accepts_a_changed_cadence(tmp_path,
+                                                                            half_run_template):
+  wd = _half_run(tmp_path, half_run_template)
   for arg, field in ((ARG + ",eps=4", "dp.target_epsilon"), (ARG + ",rank=2", "lora.rank"),
                      (ARG + ",clients=3", "fed.num_clients"),
                      (ARG.replace("client_rate=0.75", "client_rate=0.5"), "fed.client_rate")):
@@ -149,8 +159,8 @@ def test_changed_base_model_checksum_is_refused(reference):
   mgr.close()
 
 
-def test_corrupt_checkpoint_is_a_clear_error_and_is_not_deleted(tmp_path):
-  wd = _half_run(tmp_path)
+def test_corrupt_checkpoint_is_a_clear_error_and_is_not_deleted(tmp_path, half_run_template):
+  wd = _half_run(tmp_path, half_run_template)
   for f in glob.glob(os.path.join(wd, "checkpoints", "2", "state", "**", "d", "*"),
                      recursive=True):
     with open(f, "r+b") as fh:
@@ -161,8 +171,8 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_not_deleted(tmp_path):
   assert os.path.isdir(os.path.join(wd, "checkpoints", "1"))
 
 
-def test_newer_and_public_seed_formats_are_refused(tmp_path):
-  wd = _half_run(tmp_path)
+def test_newer_and_public_seed_formats_are_refused(tmp_path, half_run_template):
+  wd = _half_run(tmp_path, half_run_template)
   meta_file = os.path.join(wd, "checkpoints", "2", "meta", "metadata")
   meta = json.load(open(meta_file))
   for version, match in ((99, "format version 99"), (1, "came from the public config seed")):

@@ -122,6 +122,13 @@ class _Run:
   client_dp: object
 
 
+@functools.lru_cache(maxsize=8)
+def _local_train(graphdef, spec, optimizer: str, lr: float, weight_decay: float):
+  """The jitted client step (shared by the clients of one process: compiled once)."""
+  tx = client_lib.make_client_optimizer(optimizer, lr, weight_decay)
+  return jax.jit(functools.partial(client_lib.local_train, graphdef, spec, tx))
+
+
 class InstitutionClient:
   """Answers hello and train messages for one institution (see the module docstring)."""
 
@@ -129,7 +136,10 @@ class InstitutionClient:
     self.node = node
     self.state = ClientState(node.state_dir)
     self._runs: dict[str, _Run] = {}
-    # a ClientApp runs in a fresh process per message: keep compiled programs on disk
+
+  def use_compilation_cache(self):
+    """Keeps compiled programs in the state directory (process-wide: for a ClientApp, which runs
+    in a fresh process per message, so only its first round compiles)."""
     jax.config.update("jax_compilation_cache_dir", os.path.join(self.state.dir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -203,9 +213,8 @@ class InstitutionClient:
       raise ValueError("an example's answer is longer than the task's loss positions")
     buckets = buckets_lib.bucket_lengths(d.max_length, d.length_buckets)
     spec = client_lib.ClientSpec.from_plan(plan, cfg, loss_positions, buckets)
-    tx = client_lib.make_client_optimizer(cfg.optim.optimizer, cfg.optim.learning_rate,
-                                          cfg.optim.weight_decay)
-    train = jax.jit(functools.partial(client_lib.local_train, graphdef, spec, tx))
+    o = cfg.optim
+    train = _local_train(graphdef, spec, o.optimizer, o.learning_rate, o.weight_decay)
     data = {k: getattr(ex, k) for k in ("tokens", "mask", "targets", "loss_mask")}
     run = _Run(cfg, fingerprint, lora, frozen, data, ex.mask.sum(1), sampler, spec, plan, train,
                plan.server)

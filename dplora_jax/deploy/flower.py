@@ -149,6 +149,7 @@ def _client_reply(kind: str, msg: Message, context: Context) -> Message:
   from dplora_jax.deploy.client import InstitutionClient, NodeSettings
   node = NodeSettings.from_node_config(dict(context.node_config))
   client = InstitutionClient(node)
+  client.use_compilation_cache()
   reply = client.handle(kind, from_record(msg.content))
   c = reply["config"]
   print(f"[dplora client {node.client_id}] {kind} round {c.get('round', '-')}: {c['status']}"

@@ -5,7 +5,7 @@ import pytest
 from dplora_jax import config_files, train
 from dplora_jax.deploy import data as data_lib
 
-SPEC = "configs/tiny.py:clients=3,rounds=3"
+SPEC = "configs/tiny.py:clients=3,rounds=2"
 SEED = 7
 
 

@@ -80,13 +80,13 @@ def test_deployment_equals_the_simulation_through_a_server_crash_and_sends_only_
   cfg, sim, paths, root = fed
   clients = _clients(paths, root, "eq")
   t = Transport(clients)
-  t.crash_at = 2  # the server is killed after round 2's checkpoint, while sending round 3
+  t.crash_at = 1  # the server is killed after round 1's checkpoint, while sending round 2
   with pytest.raises(KeyboardInterrupt):
     _serve(cfg, t, root / "eq_server")
   t.crash_at = None
   res = _serve(cfg, t, root / "eq_server", evaluate=True)  # the rerun resumes
-  assert res.summary["resumed_from_round"] == 2
-  assert [json.loads(l)["round"] for l in open(root / "eq_server" / "metrics.jsonl")] == [1, 2, 3]
+  assert res.summary["resumed_from_round"] == 1
+  assert [json.loads(l)["round"] for l in open(root / "eq_server" / "metrics.jsonl")] == [1, 2]
   _assert_close(res.state.lora, sim.lora)
   assert res.summary["eval"]["after"] == pytest.approx(sim.summary["eval"]["after"])
   # eps: server, every client's own ledger and the simulation all equal the accountant's value
@@ -128,26 +128,24 @@ def test_a_dropped_client_is_a_non_contribution_and_rejoins(fed):
   cfg, sim, paths, root = fed
   clients = _clients(paths, root, "drop")
   t = Transport(clients)
-  t.drops, t.rejoin = {(1, 2)}, {2: 999}  # client 2's node dies in round 2, restarts with id 999
+  t.drops, t.rejoin = {(0, 2)}, {2: 999}  # client 2's node dies in round 1, restarts with id 999
   res = _serve(cfg, t, root / "drop_server")
   lines = [json.loads(l) for l in open(root / "drop_server" / "metrics.jsonl")]
-  assert [(l["participants"], l["sampled"], l["dropped"]) for l in lines] == [
-      (3, 3, 0), (2, 3, 1), (3, 3, 0)]
-  # round 2's global update = the two replies / 3 (the divisor fixed before anyone replied)
-  sent = [protocol.arrays_to_lora(m["arrays"], sim.lora) for k, n, m in t.sent
-          if k == protocol.TRAIN and m["config"]["round"] in (1, 2)]
-  before, after = sent[0], sent[-1]
+  assert [(l["participants"], l["sampled"], l["dropped"]) for l in lines] == [(2, 3, 1), (3, 3, 0)]
+  # round 1's global update = the two replies / 3 (the divisor fixed before anyone replied)
+  before, after = [protocol.arrays_to_lora(m["arrays"], sim.lora) for k, n, m in t.sent
+                   if k == protocol.TRAIN and n == 100]
   deltas = [protocol.arrays_to_lora(rep["arrays"], sim.lora) for k, cid, rep in t.replies
-            if k == protocol.TRAIN and rep["config"]["round"] == 1]
+            if k == protocol.TRAIN and rep["config"]["round"] == 0]
   assert len(deltas) == 2
   want = jax.tree.map(lambda b, d0, d1: b + (d0 + d1) / 3.0, before, *deltas)
   _assert_close(after, want)
-  # client 2 trained rounds 1 and 3 only, and its ledger says so
+  # client 2 rejoined with its new node id and trained round 2 only; its ledger says so
   c2 = t.clients[999]
   run_id = res.summary["deployment"]["run_id"]
-  assert c2.state.rounds_trained(run_id) == 2 and c2.state.trained(run_id, 1) is None
+  assert c2.state.rounds_trained(run_id) == 1 and c2.state.trained(run_id, 0) is None
   mech = sim.setup.plan.get("example")
-  assert c2.state.entry().epsilon == pytest.approx(mech.epsilon_after(2), rel=1e-9)
+  assert c2.state.entry().epsilon == pytest.approx(mech.epsilon_after(1), rel=1e-9)
   assert c2.state.entry().epsilon < mech.epsilon
 
 

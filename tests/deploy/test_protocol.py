@@ -55,3 +55,32 @@ def test_flower_records_round_trip_the_message():
   assert back["config"] == msg["config"]
   np.testing.assert_array_equal(back["arrays"]["a.b"], msg["arrays"]["a.b"])
   assert back["arrays"]["a.b"].dtype == np.float32
+
+
+def test_bad_deployment_input_is_one_clear_error(tmp_path):
+  from dplora_jax import config_files
+  from dplora_jax.deploy import flower, server
+  from launch import deploy_local
+  for override, match in ((("dp.mode", "paper"), "not deployable"),
+                          (("dp.adaptive_clip_quantile", "0.5"), "adaptive client clipping")):
+    cfg = config_files.load_with_overrides(
+        "configs/tiny.py:mode=client" if "adaptive" in override[0] else "configs/tiny.py:steps=1",
+        dict([override] + ([("data.sampling", "shuffle")] if override[1] == "paper" else [])))
+    with pytest.raises(ValueError, match=match):
+      server.check_deployable(cfg)
+  with pytest.raises(ValueError, match="needs 'config'"):
+    flower.server_settings({"workdir": str(tmp_path)})
+  with pytest.raises(ValueError, match="is not a.b=value"):
+    flower.server_settings({"config": "configs/tiny.py", "workdir": str(tmp_path),
+                            "overrides": "dp.mode"})
+  with pytest.raises(ValueError, match="expected true or false"):
+    flower.server_settings({"config": "configs/tiny.py", "workdir": str(tmp_path),
+                            "evaluate": "perhaps"})
+  cfg, settings = flower.server_settings({"config": "configs/tiny.py:clients=3",
+                                          "workdir": str(tmp_path), "overrides": "fed.rounds=2",
+                                          "evaluate": False})
+  assert (cfg.fed.num_clients, cfg.fed.rounds, settings.evaluate) == (3, 2, False)
+  with pytest.raises(ValueError, match="unknown config key dp.epsilon"):
+    deploy_local.main(["--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
+                       "--config.dp.epsilon=3"])
+  assert not (tmp_path / "w").exists()  # nothing started, nothing written
