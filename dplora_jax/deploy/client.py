@@ -33,6 +33,7 @@ import numpy as np
 
 import dplora_jax
 from dplora_jax import build as build_lib, config as config_lib, lora as lora_lib, tasks
+from dplora_jax import workdir as workdir_lib
 from dplora_jax.data import buckets as buckets_lib
 from dplora_jax.deploy import protocol
 from dplora_jax.deploy.client_state import ClientState, mechanism_record
@@ -140,7 +141,9 @@ class InstitutionClient:
   def use_compilation_cache(self):
     """Keeps compiled programs in the state directory (process-wide: for a ClientApp, which runs
     in a fresh process per message, so only its first round compiles)."""
-    jax.config.update("jax_compilation_cache_dir", os.path.join(self.state.dir, "jax_cache"))
+    cache = os.path.join(self.state.dir, "jax_cache")
+    workdir_lib.make_private_dir(cache)
+    jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -330,8 +330,6 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
       "note": ("example-level eps is each client's own ledger (its max-epsilon guards it); the "
                "value above is the plan's, i.e. a client that trained every round.")}
   summary["resumed_from_round"] = int(meta["host"]["rounds_done"]) if meta else None
-  with workdir_lib.private_open(os.path.join(workdir, "summary.json")) as f:
-    json.dump(summary, f, indent=2, default=float)
   if settings.export and rounds_done:
     out = os.path.join(workdir, "adapter")
     trained = lora_lib.merge(graphdef, jax.device_get(state.lora), frozen)
@@ -340,6 +338,8 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
     peft.export_adapter(trained, build_lib.effective_lora(cfg), out, base_model=model_path,
                         readme=export_lib.privacy_readme(cfg, meta_out), ledger=meta_out["ledger"])
     summary["adapter"] = out
+  with workdir_lib.private_open(os.path.join(workdir, "summary.json")) as f:
+    json.dump(summary, f, indent=2, default=float)
   return ServeResult(summary, state)
 
 
