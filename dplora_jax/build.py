@@ -24,6 +24,7 @@ from dplora_jax.metrics import tree_bytes
 from dplora_jax.tasks.scoring import ModelParts
 from dplora_jax.models import (ModelConfig, build_model, configure_execution, load_model,
                                load_tokenizer)
+from dplora_jax.models.loading import model_fingerprint
 
 # The config seed's children: model init only (DP randomness never comes from the config seed:
 # see `dp.randomness`).
@@ -54,24 +55,37 @@ class Setup:
   fingerprint: str = ""  # of the base weights (checkpoints reference it)
 
 
+def _random_arch(cfg: RunConfig, tok) -> tuple[ModelConfig, str]:
+  """(architecture, fingerprint) of a `model.random_init` base model."""
+  m = cfg.model
+  arch = ModelConfig(family="llama", vocab_size=len(tok), hidden_size=m.hidden_size,
+                     num_layers=m.num_layers, num_heads=m.num_heads,
+                     num_kv_heads=m.num_kv_heads, head_dim=m.hidden_size // m.num_heads,
+                     intermediate_size=m.intermediate_size, tie_embeddings=True,
+                     dtype=m.dtype, param_dtype=m.param_dtype)
+  return arch, "random:" + hashlib.sha256(repr((arch, cfg.seed)).encode()).hexdigest()
+
+
 def load_base(cfg: RunConfig):
   """(model, tokenizer, fingerprint, path) of the run's base model (no LoRA)."""
   m = cfg.model
   if m.random_init:
     tok = load_tokenizer(m.tokenizer or m.path)
-    arch = ModelConfig(family="llama", vocab_size=len(tok), hidden_size=m.hidden_size,
-                       num_layers=m.num_layers, num_heads=m.num_heads,
-                       num_kv_heads=m.num_kv_heads, head_dim=m.hidden_size // m.num_heads,
-                       intermediate_size=m.intermediate_size, tie_embeddings=True,
-                       dtype=m.dtype, param_dtype=m.param_dtype)
-    ident = hashlib.sha256(repr((arch, cfg.seed)).encode()).hexdigest()
+    arch, ident = _random_arch(cfg, tok)
     model = configure_execution(build_model(arch, seed=cfg.seed), attention=m.attention,
                                 remat=m.remat, remat_policy=m.remat_policy)
-    return model, tok, "random:" + ident, "<random init>"
+    return model, tok, ident, "<random init>"
   loaded = load_model(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
   configure_execution(loaded.model, attention=m.attention, remat=m.remat,
                       remat_policy=m.remat_policy)
   return loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.path
+
+
+def base_fingerprint(cfg: RunConfig) -> str:
+  """The fingerprint `load_base` reports, without building the model or reading its weights."""
+  if cfg.model.random_init:
+    return _random_arch(cfg, load_run_tokenizer(cfg))[1]
+  return model_fingerprint(cfg.model.path)
 
 
 def load_run_tokenizer(cfg: RunConfig):

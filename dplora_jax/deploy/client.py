@@ -160,14 +160,15 @@ class InstitutionClient:
     reason = self._policy(cfg)
     if reason:
       return protocol.refusal(kind, self.node.client_id, reason)
-    try:
-      run = self._run(c["run_id"], cfg)
+    try:  # hello: the cheap checks only (no weights read); train: the whole run
+      run = self._run(c["run_id"], cfg) if kind == protocol.TRAIN else None
+      fingerprint = run.fingerprint if run else build_lib.base_fingerprint(cfg)
     except (ValueError, FileNotFoundError, OSError) as e:
       return protocol.refusal(kind, self.node.client_id, f"cannot build the run here: {e}")
-    if run.fingerprint != c["model_fingerprint"]:
+    if fingerprint != c["model_fingerprint"]:
       return protocol.refusal(
           kind, self.node.client_id, f"base model mismatch: this node's model has fingerprint "
-          f"{run.fingerprint[:16]}..., the server's {c['model_fingerprint'][:16]}...")
+          f"{fingerprint[:16]}..., the server's {c['model_fingerprint'][:16]}...")
     if kind == protocol.HELLO:
       return protocol.reply(kind, client_id=self.node.client_id, status=protocol.OK, reason="",
                             dplora_version=dplora_jax.__version__)

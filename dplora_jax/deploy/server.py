@@ -39,7 +39,7 @@ from dplora_jax.deploy import protocol
 from dplora_jax.dp import release, sampling
 from dplora_jax.dp.randomness import DPRandomness
 from dplora_jax.federated import aggregation, round as round_lib
-from dplora_jax.metrics import Communication, JsonlWriter, tree_bytes
+from dplora_jax.metrics import Communication, JsonlWriter, TensorBoardWriter, tree_bytes
 from dplora_jax.tasks.scoring import ModelParts
 
 SUPPORTED_MODES = ("sample", "sample+client", "client", "none")
@@ -197,6 +197,7 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
   else:
     writer.reset()
 
+  tb = TensorBoardWriter(workdir)
   items = build_lib.eval_items(cfg) if settings.evaluate else []
   task = tasks.get(cfg.data.task)
 
@@ -307,6 +308,7 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
     if public_participation:
       record |= {"sampled": int(len(sampled)), "dropped": len(dropped), "refused": len(refused)}
     writer.write(record)
+    tb.write(record)
     rounds_done = r + 1
     ckpt.save(rounds_done, state, {
         "config": cfg_dict, "model": {"path": model_path, "fingerprint": fingerprint},
@@ -316,6 +318,8 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
     log(f"round {r + 1}/{cfg.fed.rounds}: {participants} of {len(sampled)} sampled clients "
         f"contributed, eps {record['epsilon']:.3f}, {seconds:.1f} s")
 
+  tb.close()
+  workdir_lib.restrict_tree(tb.logdir)
   after = evaluate(state.lora)
   summary = report.summary(
       cfg, plan, ledger, comm, devices=0, max_batch=plan.max_batch,

@@ -83,6 +83,30 @@ def fingerprint(files: list[str]) -> str:
   return h.hexdigest()
 
 
+def weight_files(path: str) -> list[str]:
+  """The weight files of a resolved model path: the GGUF file, or a directory's safetensors.
+
+  Raises:
+    FileNotFoundError: a directory without model.safetensors or its index.
+  """
+  if not os.path.isdir(path):
+    return [path]
+  index = os.path.join(path, "model.safetensors.index.json")
+  single = os.path.join(path, "model.safetensors")
+  if os.path.isfile(index):
+    with open(index) as f:
+      return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+  if os.path.isfile(single):
+    return [single]
+  raise FileNotFoundError(f"{path}: neither model.safetensors nor "
+                          "model.safetensors.index.json found.")
+
+
+def model_fingerprint(path_or_alias: str) -> str:
+  """The fingerprint `load_model` reports, without reading the weights."""
+  return fingerprint(weight_files(resolve_path(path_or_alias)))
+
+
 def load_model(path_or_alias: str, *, dtype: str = "float32", param_dtype: str = "float32",
                with_tokenizer: bool = True) -> LoadedModel:
   """Loads a pretrained model from a local HF directory, a GGUF file, or an alias.
@@ -228,18 +252,7 @@ def _load_hf_dir(path, dtype, param_dtype, with_tokenizer) -> LoadedModel:
     raise ValueError(f"{cfg_file}: cannot be read as JSON ({e}).") from e
   cfg = from_hf_config(hf_cfg, cfg_file).replace(dtype=dtype, param_dtype=param_dtype)
 
-  index = os.path.join(path, "model.safetensors.index.json")
-  single = os.path.join(path, "model.safetensors")
-  if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    files = sorted(set(weight_map.values()))
-  elif os.path.isfile(single):
-    files = ["model.safetensors"]
-    weight_map = None
-  else:
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor "
-                            "model.safetensors.index.json found.")
+  files = [os.path.basename(f) for f in weight_files(path)]
   handles, where = {}, {}
   for fname in files:
     full = os.path.join(path, fname)

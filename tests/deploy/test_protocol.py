@@ -84,3 +84,17 @@ def test_bad_deployment_input_is_one_clear_error(tmp_path):
     deploy_local.main(["--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
                        "--config.dp.epsilon=3"])
   assert not (tmp_path / "w").exists()  # nothing started, nothing written
+
+
+def test_the_cheap_fingerprint_is_the_loaders(tmp_path):
+  """A client's hello compares `build.base_fingerprint` (no weights read) with the server's
+  `load_base` fingerprint: they must be the same function of the files."""
+  from dplora_jax import build, config_files
+  from tests import hf_fixtures
+  hf_fixtures.write_hf(tmp_path, "llama", tokenizer=True)
+  for spec, over in (("configs/tiny.py", {}),
+                     ("configs/tiny.py", {"model.random_init": "false",
+                                          "model.path": str(tmp_path), "data.max_length": "32",
+                                          "data.max_answer_tokens": "8"})):
+    cfg = config_files.load_with_overrides(spec, over)
+    assert build.base_fingerprint(cfg) == build.load_base(cfg)[2]
