@@ -12,7 +12,10 @@ Guards (each refusal is a reply the server logs, never a silent skip):
 - the config must protect its examples (dp.mode sample or sample+client) unless the node sets
   `trust-server=true`; a reproducible seed (public randomness) is refused unless the node sets
   `allow-reproducible-seed=true` (a server that picked the seed could regenerate the noise);
-- its data must fit the public bound `data.max_client_size`;
+- its data must fit the public bound `data.max_client_size` (the reply never states its size);
+- it reads only paths it chose: its data file, and its model (`model-path`, or a packaged alias);
+  a config naming other local paths (`model.path`, `lora.init_from`) is refused, and errors
+  that could quote its records stay in its own log;
 - its example-level ledger, over every run on this data, must stay within `max-epsilon`;
 - a round it already trained is recomputed only from the same global model (then the reply is
   bitwise the same release, at no extra cost); from another model it is refused, since reusing
@@ -26,6 +29,7 @@ import functools
 import json
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +43,13 @@ from dplora_jax.deploy import protocol
 from dplora_jax.deploy.client_state import ClientState, mechanism_record
 from dplora_jax.dp import sampling
 from dplora_jax.federated import client as client_lib, round as round_lib
+from dplora_jax.models import ALIASES
 
 SAFE_MODES = ("sample", "sample+client")  # modes whose release protects the client's examples
+
+
+class OverBound(ValueError):
+  """The node's data exceeds the public size bound (the reply does not say by how much)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +172,14 @@ class InstitutionClient:
     try:  # hello: the cheap checks only (no weights read); train: the whole run
       run = self._run(c["run_id"], cfg) if kind == protocol.TRAIN else None
       fingerprint = run.fingerprint if run else build_lib.base_fingerprint(cfg)
+    except OverBound as e:
+      return protocol.refusal(kind, self.node.client_id, str(e))
     except (ValueError, FileNotFoundError, OSError) as e:
-      return protocol.refusal(kind, self.node.client_id, f"cannot build the run here: {e}")
+      # the details may quote private records (a bad label, a line) or local paths: they stay in
+      # this node's own log; the server learns only that the run cannot be built here
+      print(f"[dplora client {self.node.client_id}] cannot build the run: {e}", file=sys.stderr)
+      return protocol.refusal(kind, self.node.client_id,
+                              "cannot build the run on this node (details in its own log)")
     if fingerprint != c["model_fingerprint"]:
       return protocol.refusal(
           kind, self.node.client_id, f"base model mismatch: this node's model has fingerprint "
@@ -186,6 +201,12 @@ class InstitutionClient:
       return (f"dp.reproducible_seed={dp.reproducible_seed}: the noise would be regenerable by "
               "whoever knows the config; refused (node config allow-reproducible-seed=true for "
               "tests)")
+    if cfg.lora.init_from and not self.node.trust_server:
+      return ("lora.init_from names a path on this node; the starting model is the global LoRA "
+              "the server sends")
+    if not cfg.model.random_init and not self.node.model_path and cfg.model.path not in ALIASES:
+      return ("the config's model.path is a path on the server; set this node's own copy with "
+              "node config model-path")
     if dp.client_level and dp.adaptive:
       return "adaptive client clipping is not supported in deployment (set a fixed dp.client_clip_norm)"
     if not cfg.data.max_client_size:
@@ -203,9 +224,11 @@ class InstitutionClient:
     d = cfg.data
     task = tasks.get(d.task)
     ex = task.train_examples(task.items(task.read(d.train_file, "train"), d), tok, d)
-    if len(ex) > d.max_client_size:
-      raise ValueError(f"{d.train_file} holds {len(ex)} examples, above the public bound "
-                       f"data.max_client_size={d.max_client_size}")
+    if len(ex) > d.max_client_size:  # the size itself is private: not in the reply
+      print(f"[dplora client {self.node.client_id}] {d.train_file} holds {len(ex)} examples",
+            file=sys.stderr)
+      raise OverBound(f"its data is above the public bound data.max_client_size="
+                      f"{d.max_client_size}")
     if len(ex) == 0:
       raise ValueError(f"{d.train_file} holds no training examples")
     plan = self.state.plan(cfg, build_lib.privacy_plan)

@@ -198,7 +198,18 @@ def test_client_guards(fed, tmp_path):
   assert "reproducible_seed" in strict.handle(protocol.TRAIN, msg)["config"]["reason"]
   d = json.loads(json.dumps(cfg_dict))
   d["data"]["max_client_size"] = 10  # this client holds more than the public bound
-  assert "above the public bound" in train(config=d, run="small")["config"]["reason"]
+  reason = train(config=d, run="small")["config"]["reason"]
+  assert "above the public bound" in reason and "134" not in reason  # its size stays private
+  d = json.loads(json.dumps(cfg_dict))
+  d["lora"]["init_from"] = "/some/adapter/on/this/node"
+  assert "lora.init_from names a path" in train(config=d, run="p")["config"]["reason"]
+  bad = tmp_path / "bad.jsonl"  # a record whose content must not reach the server
+  bad.write_text('{"text": "ok", "label": 1}\n{"text": "secret text", "label": "bullish"}\n')
+  c_bad = client_lib.InstitutionClient(dataclasses.replace(node, data_path=str(bad),
+                                                           state_dir=str(tmp_path / "s2")))
+  reason = c_bad.handle(protocol.TRAIN, protocol.instruction(
+      protocol.TRAIN, run_id="b", config=cfg_dict, model_fingerprint=fp, lora=lora))["config"]
+  assert "cannot build the run" in reason["reason"] and "bullish" not in json.dumps(reason)
   with pytest.raises(ValueError, match="max-epsilon"):
     client_lib.NodeSettings.from_node_config({"partition-id": 0, "data-path": "x",
                                               "state-dir": "y"})
