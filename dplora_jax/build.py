@@ -101,15 +101,18 @@ def eval_items(cfg: RunConfig, eval_file: str = "") -> list:
   return tasks.get(d.task).heldout(eval_file or d.eval_file, d)[0]
 
 
-def records(cfg: RunConfig):
-  """(train items, eval items, client partition): the task's records read and validated (each
-  bad record named by file and line), before anything is partitioned."""
+def train_records(cfg: RunConfig):
+  """(records, items) of the task's training file: read, cut to `data.max_train_examples`,
+  validated (each bad record named by file and line)."""
   d = cfg.data
   task = tasks.get(d.task)
-  train_records = io.subsample(task.read(d.train_file, "train"), d.max_train_examples, cfg.seed)
-  train_items = task.items(train_records, d)
-  evals = eval_items(cfg)
-  labels = task.item_labels(train_items)
+  recs = io.subsample(task.read(d.train_file, "train"), d.max_train_examples, cfg.seed)
+  return recs, task.items(recs, d)
+
+
+def client_parts(cfg: RunConfig, train_records, train_items) -> list:
+  """The clients' parts (indices into the training records) of `fed.partition`."""
+  labels = tasks.get(cfg.data.task).item_labels(train_items)
   field_values = None
   if cfg.fed.partition == "field":
     missing = [i for i, r in enumerate(train_records) if cfg.fed.partition_field not in r]
@@ -117,10 +120,17 @@ def records(cfg: RunConfig):
       raise ValueError(f"{train_records.where(missing[0])}: no field "
                        f"{cfg.fed.partition_field!r} (fed.partition_field).")
     field_values = [r[cfg.fed.partition_field] for r in train_records]
-  parts = partition_lib.partition(labels, cfg.fed.num_clients, method=cfg.fed.partition,
-                                  alpha=cfg.fed.dirichlet_alpha, field_values=field_values,
-                                  seed=cfg.seed)
-  return train_items, evals, parts
+  return partition_lib.partition(labels, cfg.fed.num_clients, method=cfg.fed.partition,
+                                 alpha=cfg.fed.dirichlet_alpha, field_values=field_values,
+                                 seed=cfg.seed)
+
+
+def records(cfg: RunConfig):
+  """(train items, eval items, client partition): the task's records read and validated (each
+  bad record named by file and line), before anything is partitioned."""
+  recs, train_items = train_records(cfg)
+  evals = eval_items(cfg)
+  return train_items, evals, client_parts(cfg, recs, train_items)
 
 
 def effective_lora(cfg: RunConfig):

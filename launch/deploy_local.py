@@ -45,7 +45,7 @@ def main(argv=None) -> int:
   args, overrides = parse(sys.argv[1:] if argv is None else argv)
   cfg = cli.load_config(args.config, overrides)  # validated here: errors before any process
   from dplora_jax.deploy import data as data_lib, local
-  from dplora_jax.deploy.server import check_deployable
+  from dplora_jax.deploy.protocol import check_deployable
   check_deployable(cfg)
   root = os.path.abspath(args.workdir)
   os.makedirs(root, exist_ok=True)

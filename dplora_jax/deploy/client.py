@@ -207,10 +207,10 @@ class InstitutionClient:
     if not cfg.model.random_init and not self.node.model_path and cfg.model.path not in ALIASES:
       return ("the config's model.path is a path on the server; set this node's own copy with "
               "node config model-path")
-    if dp.client_level and dp.adaptive:
-      return "adaptive client clipping is not supported in deployment (set a fixed dp.client_clip_norm)"
-    if not cfg.data.max_client_size:
-      return "data.max_client_size is 0: a deployment needs the public bound on client sizes"
+    try:
+      protocol.check_deployable(cfg)
+    except ValueError as e:
+      return str(e)
     return ""
 
   # -- building ----------------------------------------------------------------------------
@@ -267,6 +267,7 @@ class InstitutionClient:
       return refuse(f"round {round_} was already trained from another global model; its noise "
                     "is never reused on a different input", epsilon=self._epsilon(),
                     epsilon_budget=budget)
+    after = None  # this client's eps once this round is recorded (computed once: dp-accounting)
     if seen is None and mech is not None:
       after = self.state.entry((run_id, record), 1).epsilon
       if after > budget * (1 + 1e-9):
@@ -290,7 +291,8 @@ class InstitutionClient:
     if seen is None and record is not None:
       self.state.record(run_id, round_, model_digest, record)  # durable before it leaves
     return protocol.reply(protocol.TRAIN, update, client_id=cid, round=round_,
-                          status=protocol.OK, reason="", epsilon=self._epsilon(run),
+                          status=protocol.OK, reason="",
+                          epsilon=self._epsilon(run) if after is None else float(after),
                           epsilon_budget=budget)
 
   def _epsilon(self, run: _Run | None = None) -> float:

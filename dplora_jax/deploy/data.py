@@ -10,16 +10,13 @@ from __future__ import annotations
 import json
 import os
 
-from dplora_jax import build as build_lib, tasks, workdir as workdir_lib
-from dplora_jax.data import io
+from dplora_jax import build as build_lib, workdir as workdir_lib
 
 
 def write_client_files(cfg, out_dir: str) -> list[str]:
   """Writes `out_dir/client_<k>.jsonl` for every client k of `cfg`; returns their paths."""
-  d = cfg.data
-  records = io.subsample(tasks.get(d.task).read(d.train_file, "train"), d.max_train_examples,
-                         cfg.seed)
-  _, _, parts = build_lib.records(cfg)
+  records, items = build_lib.train_records(cfg)
+  parts = build_lib.client_parts(cfg, records, items)
   workdir_lib.make_private_dir(out_dir)
   paths = []
   for k, part in enumerate(parts):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
@@ -221,8 +220,3 @@ def _kill(p: subprocess.Popen):
   except subprocess.TimeoutExpired:
     pass
 
-
-def copy_app(dst: str) -> str:
-  """A copy of the Flower app directory (tests edit its run config without touching the repo)."""
-  shutil.copytree(APP_DIR, dst, dirs_exist_ok=True)
-  return dst

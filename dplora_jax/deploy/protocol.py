@@ -21,6 +21,9 @@ Client -> server:
 
 Never sent: the client's noise key or DP-randomness root, its sampler state, its data, its size,
 its loss or any other statistic of its data.
+
+`check_deployable` is what a deployment implements; the server checks it before starting and
+every client again (it does not take the server's word).
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ REPLY_KEYS = {
     HELLO: {"client_id", "status", "reason", "dplora_version"},
     TRAIN: {"client_id", "round", "status", "reason", "epsilon", "epsilon_budget"},
 }
+
+
+SUPPORTED_MODES = ("sample", "sample+client", "client", "none")
 
 
 class ProtocolError(ValueError):
@@ -157,3 +163,22 @@ def check(kind: str, message: dict, *, reply: bool) -> dict:
     if np.asarray(a).dtype != np.float32:
       raise ProtocolError(f"array {n} is {np.asarray(a).dtype}; LoRA travels as float32.")
   return message
+
+
+def check_deployable(cfg) -> None:
+  """Refuses configs (`config.RunConfig`) the deployment does not implement, naming the field.
+
+  Raises:
+    ValueError: paper mode, adaptive client clipping, weighting by size, no public size bound.
+  """
+  if cfg.dp.mode not in SUPPORTED_MODES:
+    raise ValueError(f"dp.mode={cfg.dp.mode!r} is not deployable; use one of {SUPPORTED_MODES}.")
+  if cfg.dp.adaptive:
+    raise ValueError("dp.adaptive_clip_quantile > 0: adaptive client clipping is not deployable "
+                     "yet (clients would send their unclipped bit); use a fixed "
+                     "dp.client_clip_norm.")
+  if cfg.fed.weighting != "uniform":
+    raise ValueError("fed.weighting='examples' needs every client's size; use 'uniform'.")
+  if not cfg.data.max_client_size:
+    raise ValueError("data.max_client_size=0: a deployment needs the public bound on client "
+                     "sizes (the clients' sampling rate and batch derive from it).")

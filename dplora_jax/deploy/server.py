@@ -42,7 +42,6 @@ from dplora_jax.federated import aggregation, round as round_lib
 from dplora_jax.metrics import Communication, JsonlWriter, TensorBoardWriter, tree_bytes
 from dplora_jax.tasks.scoring import ModelParts
 
-SUPPORTED_MODES = ("sample", "sample+client", "client", "none")
 
 
 class Transport(Protocol):
@@ -83,25 +82,6 @@ class ServeResult:
 
 class DeploymentStopped(RuntimeError):
   """The run cannot continue (every client is out of budget, or none is reachable)."""
-
-
-def check_deployable(cfg: config_lib.RunConfig):
-  """Refuses configs the deployment does not implement, naming the field.
-
-  Raises:
-    ValueError: paper mode, adaptive client clipping, weighting by size, no public size bound.
-  """
-  if cfg.dp.mode not in SUPPORTED_MODES:
-    raise ValueError(f"dp.mode={cfg.dp.mode!r} is not deployable; use one of {SUPPORTED_MODES}.")
-  if cfg.dp.adaptive:
-    raise ValueError("dp.adaptive_clip_quantile > 0: adaptive client clipping is not deployable "
-                     "yet (clients would send their unclipped bit); use a fixed "
-                     "dp.client_clip_norm.")
-  if cfg.fed.weighting != "uniform":
-    raise ValueError("fed.weighting='examples' needs every client's size; use 'uniform'.")
-  if not cfg.data.max_client_size:
-    raise ValueError("data.max_client_size=0: a deployment needs the public bound on client "
-                     "sizes (the clients' sampling rate and batch derive from it).")
 
 
 class _Clients:
@@ -148,7 +128,7 @@ def serve(cfg: config_lib.RunConfig, transport: Transport, settings: ServerSetti
     RuntimeError: the server's client-level budget guard fired.
   """
   t_start = time.time()
-  check_deployable(cfg)
+  protocol.check_deployable(cfg)
   workdir = settings.workdir
   workdir_lib.make_private_dir(workdir)
   with workdir_lib.WorkdirLock(workdir):

@@ -59,7 +59,7 @@ def test_flower_records_round_trip_the_message():
 
 def test_bad_deployment_input_is_one_clear_error(tmp_path):
   from dplora_jax import config_files
-  from dplora_jax.deploy import flower, server
+  from dplora_jax.deploy import flower
   from launch import deploy_local
   for override, match in ((("dp.mode", "paper"), "not deployable"),
                           (("dp.adaptive_clip_quantile", "0.5"), "adaptive client clipping")):
@@ -67,7 +67,7 @@ def test_bad_deployment_input_is_one_clear_error(tmp_path):
         "configs/tiny.py:mode=client" if "adaptive" in override[0] else "configs/tiny.py:steps=1",
         dict([override] + ([("data.sampling", "shuffle")] if override[1] == "paper" else [])))
     with pytest.raises(ValueError, match=match):
-      server.check_deployable(cfg)
+      protocol.check_deployable(cfg)
   with pytest.raises(ValueError, match="needs 'config'"):
     flower.server_settings({"workdir": str(tmp_path)})
   with pytest.raises(ValueError, match="is not a.b=value"):
