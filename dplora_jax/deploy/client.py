@@ -17,9 +17,11 @@ Guards (each refusal is a reply the server logs, never a silent skip):
   a config naming other local paths (`model.path`, `lora.init_from`) is refused, and errors
   that could quote its records stay in its own log;
 - its example-level ledger, over every run on this data, must stay within `max-epsilon`;
-- a round it already trained is recomputed only from the same global model (then the reply is
-  bitwise the same release, at no extra cost); from another model it is refused, since reusing
-  the round's noise on a different input would let the difference of the two replies cancel it.
+- a round it already trained is recomputed only from the same instruction (global model, config,
+  S: then the reply is bitwise the same release, at no extra cost); from another it is refused,
+  since reusing the round's noise on a different input would let the difference of the two
+  replies cancel it. Each run draws from its own child of the client's root, so no two runs share
+  noise or samples either.
 """
 
 from __future__ import annotations
@@ -188,7 +190,7 @@ class InstitutionClient:
       return protocol.reply(kind, client_id=self.node.client_id, status=protocol.OK, reason="",
                             dplora_version=dplora_jax.__version__)
     return self._train(c["run_id"], run, int(c["round"]), float(c["client_clip"]),
-                       message["arrays"])
+                       message["arrays"], protocol.instruction_digest(message))
 
   def _policy(self, cfg) -> str:
     """Why this institution refuses the config, or ''."""
@@ -251,21 +253,20 @@ class InstitutionClient:
   # -- training ----------------------------------------------------------------------------
 
   def _train(self, run_id: str, run: _Run, round_: int, client_clip: float,
-             arrays: dict) -> dict:
+             arrays: dict, asked: str) -> dict:
     cid, node, plan = self.node.client_id, self.node, run.plan
     refuse = functools.partial(protocol.refusal, protocol.TRAIN, cid, round=round_)
     try:
       global_lora = protocol.arrays_to_lora(arrays, run.lora)
     except protocol.ProtocolError as e:
       return refuse(f"bad global model: {e}")
-    model_digest = protocol.digest(arrays)
     seen = self.state.trained(run_id, round_)
     mech = plan.get("example")
     record = mechanism_record(mech) if mech else None
     budget = node.max_epsilon
-    if seen is not None and seen != model_digest:
-      return refuse(f"round {round_} was already trained from another global model; its noise "
-                    "is never reused on a different input", epsilon=self._epsilon(),
+    if seen is not None and seen != asked:
+      return refuse(f"round {round_} was already trained from another global model or config; "
+                    "its noise is never reused on a different input", epsilon=self._epsilon(),
                     epsilon_budget=budget)
     after = None  # this client's eps once this round is recorded (computed once: dp-accounting)
     if seen is None and mech is not None:
@@ -274,7 +275,7 @@ class InstitutionClient:
         return refuse(f"privacy budget: one more round would spend eps={after:.4f} > this "
                       f"node's max-epsilon={budget}", epsilon=self._epsilon(),
                       epsilon_budget=budget)
-    randomness = self.state.randomness(run.cfg.dp.reproducible_seed)
+    randomness = self.state.randomness(run_id, run.cfg.dp.reproducible_seed)
     idx, valid = run.sampler.sample_client(0, run.cfg.fed.local_steps,
                                            randomness.examples(cid, round_))
     bucket = self._buckets(run, idx, valid)
@@ -289,7 +290,7 @@ class InstitutionClient:
       return refuse("the local update is not finite (lower the learning rate)",
                     epsilon=self._epsilon(), epsilon_budget=budget)
     if seen is None and record is not None:
-      self.state.record(run_id, round_, model_digest, record)  # durable before it leaves
+      self.state.record(run_id, round_, asked, record)  # durable before it leaves
     return protocol.reply(protocol.TRAIN, update, client_id=cid, round=round_,
                           status=protocol.OK, reason="",
                           epsilon=self._epsilon(run) if after is None else float(after),

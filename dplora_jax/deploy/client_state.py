@@ -4,7 +4,7 @@ The state directory (node config `state-dir`) is owner-only and never leaves the
 - `dplora_client.json`: the root of the client's DP randomness (`dp.randomness.DPRandomness`, from
   its own `os.urandom`), and its example-level ledger: for every run it trained in, the
   accounted mechanism (q, sigma, steps per round, truncation) and each round it trained with the
-  digest of the global model it started from.
+  digest of the instruction it trained from (config, global model, S).
 - `jax_cache/`: JAX's persistent compilation cache, and `plans/`: this client's own privacy plans
   per config (a ClientApp runs in a fresh process per message; both make every message after the
   first skip compilation and noise calibration).
@@ -48,26 +48,29 @@ class ClientState:
       self.runs = {}
       self.save()
 
-  def randomness(self, reproducible_seed: int = -1) -> DPRandomness:
-    """The client's randomness: its own secret root, or a reproducible seed (tests only; the
-    node must allow it)."""
+  def randomness(self, run_id: str, reproducible_seed: int = -1) -> DPRandomness:
+    """The client's randomness for run `run_id`: a child of its own secret root per run (streams
+    are per (client, round), so without the run in the root two runs would draw the same noise
+    and samples), or a reproducible seed (tests only; the node must allow it)."""
     if reproducible_seed >= 0:
       return DPRandomness(reproducible_seed)
-    return DPRandomness.from_state(self.root)
+    digest = hashlib.sha256(f"{self.root['root']}/{run_id}".encode()).digest()
+    return DPRandomness(-1, _root=int.from_bytes(digest, "little"))
 
   def trained(self, run_id: str, round_: int) -> str | None:
-    """The digest of the global model round `round_` of `run_id` was trained from, or None."""
+    """The digest of the instruction (config, global model, S) round `round_` of `run_id` was
+    trained from, or None."""
     return self.runs.get(run_id, {}).get("rounds", {}).get(str(round_))
 
   def rounds_trained(self, run_id: str) -> int:
     return len(self.runs.get(run_id, {}).get("rounds", {}))
 
-  def record(self, run_id: str, round_: int, model_digest: str, mechanism: dict):
+  def record(self, run_id: str, round_: int, instruction_digest: str, mechanism: dict):
     """Records a trained round (call before the update leaves) and saves."""
     run = self.runs.setdefault(run_id, {"mechanism": mechanism, "rounds": {}})
     if run["mechanism"] != mechanism:
       raise ValueError(f"run {run_id}: its mechanism changed between rounds.")
-    run["rounds"][str(round_)] = model_digest
+    run["rounds"][str(round_)] = instruction_digest
     self.save()
 
   def entry(self, extra_run: tuple[str, dict] | None = None, extra_rounds: int = 0,

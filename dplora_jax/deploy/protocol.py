@@ -112,6 +112,14 @@ def digest(arrays: dict[str, np.ndarray]) -> str:
   return h.hexdigest()
 
 
+def instruction_digest(message: dict) -> str:
+  """sha256 of a train instruction's config values and arrays: what a client's release is a
+  function of, besides its data and its randomness."""
+  h = hashlib.sha256(json.dumps(message["config"], sort_keys=True).encode())
+  h.update(digest(message["arrays"]).encode())
+  return h.hexdigest()
+
+
 def instruction(kind: str, *, run_id: str, config: dict, model_fingerprint: str,
                 round_: int = 0, client_clip: float = 0.0,
                 lora: dict[str, np.ndarray] | None = None) -> dict:

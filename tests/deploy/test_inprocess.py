@@ -105,9 +105,10 @@ def test_deployment_equals_the_simulation_through_a_server_crash_and_sends_only_
   # what reached the server: exactly the schema, the LoRA's own arrays, nothing secret
   names = set(protocol.lora_names(sim.lora))
   secrets = []
+  run_id = res.summary["deployment"]["run_id"]
   for c in clients.values():
-    r = c.state.randomness(SEED)
-    secrets.append(np.asarray(jax.random.key_data(r.noise_key)).tobytes())
+    for r in (c.state.randomness(run_id, SEED), c.state.randomness(run_id)):
+      secrets.append(np.asarray(jax.random.key_data(r.noise_key)).tobytes())
     secrets.append(np.asarray(jax.random.key_data(DPRandomness.from_state(c.state.root).noise_key))
                    .tobytes())
   roots = [c.state.root["root"] for c in clients.values()]
@@ -191,6 +192,9 @@ def test_client_guards(fed, tmp_path):
     d = json.loads(json.dumps(cfg_dict))
     d["dp"]["mode"] = mode
     assert "does not protect" in train(config=d, run=mode)["config"]["reason"]
+  d = json.loads(json.dumps(cfg_dict))  # the same round and model under another config
+  d["optim"]["learning_rate"] = 2 * d["optim"]["learning_rate"]
+  assert "already trained" in train(config=d)["config"]["reason"]
   strict = client_lib.InstitutionClient(dataclasses.replace(node, allow_reproducible_seed=False,
                                                             state_dir=str(tmp_path / "s1")))
   msg = protocol.instruction(protocol.TRAIN, run_id="r", config=cfg_dict, model_fingerprint=fp,
@@ -217,3 +221,31 @@ def test_client_guards(fed, tmp_path):
     client_lib.NodeSettings.from_node_config({"partition-id": 0, "data-path": "x",
                                               "state-dir": "y", "max-epsilon": 1,
                                               "trust-server": "maybe"})
+
+
+def test_no_two_runs_of_a_client_share_noise_or_samples(fed, tmp_path):
+  """A client keeps one secret root for all runs; each run draws from its own child of it, so a
+  server that starts a second run cannot get the same round's noise on another input."""
+  cfg, sim, paths, root = fed
+  node = client_lib.NodeSettings(0, paths[0], str(tmp_path / "s"), 100.0)
+  c = client_lib.InstitutionClient(node)
+  d = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  d["dp"]["reproducible_seed"] = -1
+  lora = protocol.lora_to_arrays(sim.lora)
+  replies = [c.handle(protocol.TRAIN, protocol.instruction(
+      protocol.TRAIN, run_id=run, config=d, model_fingerprint=sim.setup.fingerprint,
+      round_=0, lora=lora)) for run in ("run-a", "run-b")]
+  assert all(r["config"]["status"] == "ok" for r in replies)
+  for n in replies[0]["arrays"]:
+    assert not np.allclose(replies[0]["arrays"][n], replies[1]["arrays"][n])
+  a, b = c.state.randomness("run-a"), c.state.randomness("run-b")
+  assert not np.array_equal(jax.random.key_data(a.noise_key), jax.random.key_data(b.noise_key))
+  assert not np.array_equal(a.examples(0, 0).random(8), b.examples(0, 0).random(8))
+  assert a.source == "os-entropy"
+  # and the same run asks again: the identical release, charged once
+  again = c.handle(protocol.TRAIN, protocol.instruction(
+      protocol.TRAIN, run_id="run-a", config=d, model_fingerprint=sim.setup.fingerprint,
+      round_=0, lora=lora))
+  for n in again["arrays"]:
+    np.testing.assert_array_equal(again["arrays"][n], replies[0]["arrays"][n])
+  assert c.state.rounds_trained("run-a") == 1
