@@ -205,8 +205,7 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
                             f"(refusals: {clients.refused or 'none'}).")
   log(f"{len(clients.node_of)} of {k} clients joined: {sorted(clients.node_of)}")
 
-  aggregate = jax.jit(_aggregator(plan.server))
-  update = jax.jit(_updater(server_tx, plan.server), donate_argnums=(0,))
+  step = jax.jit(_server_step(server_tx, plan.server), donate_argnums=(0,))
   like = jax.tree.map(np.asarray, lora)
   zeros = jax.tree.map(lambda x: np.zeros((k,) + x.shape, np.float32), like)
   exhausted: set[int] = set()
@@ -271,9 +270,8 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
       break
     # the divisor is fixed before any reply: the sampled clients (FedAvg) or p K (client DP)
     weight = jnp.float32(len(sampled))
-    summed, shifted = aggregate(rows, jnp.asarray(take), state.client_clip)
     _, server_key = round_lib.round_keys(randomness.noise_key, jnp.int32(r))
-    state, public = update(state, summed, weight, shifted, server_key)
+    state, public = step(state, rows, jnp.asarray(take), weight, server_key)
     public = jax.device_get(public)
     if not bool(public["lora_finite"]):
       raise FloatingPointError(f"guard: round {r + 1} produced a non-finite global LoRA.")
@@ -327,20 +325,15 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
   return ServeResult(summary, state)
 
 
-def _aggregator(client_dp):
-  """(rows [K, ...], take [K], S) -> (sum, shifted count): the server's sum of the updates it
-  received; under client-level DP each is (re)clipped to S first (`ClientDP.clip`)."""
-  def aggregate(rows, take, clip):
+def _server_step(server_tx, client_dp):
+  """(state, rows [K, ...], take [K], weight, server key) -> (new state, public): the sum of the
+  updates received (under client-level DP each (re)clipped to S first, `ClientDP.clip`), then
+  `round.server_update`, the simulation's server half. Adaptive S is not deployable, so there is
+  no count."""
+  def step(state, rows, take, weight, server_key):
     if client_dp is None:
-      return aggregation.weighted_sum(rows, take.astype(jnp.float32)), None
-    summed, count, _ = client_dp.clip(rows, take, clip)
-    return summed, None if client_dp.adaptive is None else count
-  return aggregate
-
-
-def _updater(server_tx, client_dp):
-  """`round.server_update` with this run's optimizer and mechanism bound."""
-  def update(state, summed, weight, shifted, server_key):
-    return round_lib.server_update(server_tx, client_dp, state, summed, weight, shifted,
-                                   server_key)
-  return update
+      summed = aggregation.weighted_sum(rows, take.astype(jnp.float32))
+    else:
+      summed, _, _ = client_dp.clip(rows, take, state.client_clip)
+    return round_lib.server_update(server_tx, client_dp, state, summed, weight, None, server_key)
+  return step
