@@ -30,14 +30,13 @@ class HostState:
                                       fixed_batch=cfg.data.batch_size)
     return cls(randomness, sampler, comm)
 
-  def sample_round(self, cfg, num_slots: int):
-    """(participating clients [K] bool, idx and valid [slots, steps, Bmax]) of the next round
-    (`rounds_done`), from the secret per-round streams: client k's sample is what a deployed
-    client k draws for itself (`dplora_jax.deploy`)."""
-    r = self.rounds_done
-    part = sampling.sample_clients(self.randomness.clients(r), cfg.fed.num_clients,
+  def sample_round(self, cfg, num_slots: int, round_: int):
+    """(participating clients [K] bool, idx and valid [slots, steps, Bmax]) of round `round_`
+    (0-based), from the secret per-round streams: client k's sample is what a deployed client k
+    draws for itself (`dplora_jax.deploy`), and asking twice for a round gives the same sample."""
+    part = sampling.sample_clients(self.randomness.clients(round_), cfg.fed.num_clients,
                                    cfg.fed.client_rate)
-    rngs = [self.randomness.examples(k, r) for k in range(cfg.fed.num_clients)]
+    rngs = [self.randomness.examples(k, round_) for k in range(cfg.fed.num_clients)]
     idx, valid = self.sampler.sample(cfg.fed.local_steps, num_slots, rngs)
     return part, idx, valid
 

@@ -186,7 +186,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
         raise RuntimeError(f"budget guard: round {r + 1} would spend eps={nxt[m.name]:.4f} "
                            f"({m.name}-level) beyond the planned {m.epsilon:.4f}.")
     t0 = time.time()
-    part, idx, valid = host.sample_round(cfg, slots)
+    part, idx, valid = host.sample_round(cfg, slots, r)
     weights = np.zeros((slots,), np.float32)
     weights[:k] = base_w * part
     if len(spec.buckets) > 1:

@@ -94,8 +94,8 @@ def test_sampling_cannot_be_regenerated_from_the_config():
   s = build.build(cfg)
   host = lambda c: HostState.create(c, s, Communication(1, 1))
   h1, h2 = host(cfg), host(cfg)
-  p1, i1, v1 = h1.sample_round(cfg, 4)
-  p2, i2, v2 = h2.sample_round(cfg, 4)
+  p1, i1, v1 = h1.sample_round(cfg, 4, 0)
+  p2, i2, v2 = h2.sample_round(cfg, 4, 0)
   assert not np.array_equal(v1, v2)
   replay = np.random.default_rng(cfg.seed + 1)
   old = [replay.random(len(c)) < cfg.data.batch_size / len(c) for c in s.clients]
@@ -103,7 +103,7 @@ def test_sampling_cannot_be_regenerated_from_the_config():
                  for k in range(len(old)))
   seeded = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, reproducible_seed=11))
   h3, h4 = host(seeded), host(seeded)
-  for a, b in zip(h3.sample_round(seeded, 4), h4.sample_round(seeded, 4)):
+  for a, b in zip(h3.sample_round(seeded, 4, 0), h4.sample_round(seeded, 4, 0)):
     np.testing.assert_array_equal(a, b)
   assert "not secret" in h3.randomness.source and h1.randomness.source == "os-entropy"
 
@@ -183,8 +183,8 @@ def test_event_rebuilt_from_the_sampler_equals_the_planned_event():
   spec = client_lib.ClientSpec.from_plan(s.plan, cfg)
   k, steps = cfg.fed.num_clients, cfg.fed.local_steps
   included, offered, releases, participated = 0, 0, np.zeros(k, int), []
-  for _ in range(cfg.fed.rounds):
-    part, idx, valid = host.sample_round(cfg, k)
+  for r in range(cfg.fed.rounds):
+    part, idx, valid = host.sample_round(cfg, k, r)
     participated.append(part)
     for c in range(k):
       n = len(s.clients[c])
