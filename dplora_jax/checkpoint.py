@@ -26,6 +26,7 @@ import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from dplora_jax import config as config_lib, workdir as workdir_lib
 from dplora_jax.dp.ledger import Ledger
@@ -73,12 +74,16 @@ class Checkpointer:
   deletes anything, so it is safe to open while a run is saving.
   """
 
-  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False,
+               primary: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.primary = primary
     try:
-      if not read_only:
+      if not read_only and primary:
         _remove_unfinished_saves(self.directory)
         workdir_lib.make_private_dir(self.directory)
+      if not read_only and jax.process_count() > 1:  # the others wait for the clean-up
+        multihost_utils.sync_global_devices("dplora_jax checkpoint directory ready")
       self.manager = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
@@ -102,7 +107,8 @@ class Checkpointer:
       self.manager.save(round_, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state_tree(state)),
           meta=ocp.args.JsonSave(meta)), force=True)
-      workdir_lib.restrict_tree(self.directory)
+      if self.primary:
+        workdir_lib.restrict_tree(self.directory)
     except (OSError, ValueError) as e:
       previous = [s for s in self.manager.all_steps() if s != round_]
       raise CheckpointError(

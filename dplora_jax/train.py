@@ -7,6 +7,7 @@ The host only prepares each round's samples (indices, masks, weights, all from t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dplora_jax import build as build_lib, checkpoint as ckpt_lib, report, workdir as workdir_lib
+from dplora_jax import distributed
 from dplora_jax import config as config_lib, lora as lora_lib
 from dplora_jax.config import RunConfig
 from dplora_jax.data import buckets as buckets_lib
@@ -46,15 +48,18 @@ class RunResult:
   host: HostState
 
 
-def _stack_clients(clients, num_slots: int):
-  """dict of [num_slots, n_max, T] arrays (padding clients and rows are zeros)."""
+def _stack_clients(clients, num_slots: int, rows=None):
+  """dict of [num_slots, n_max, T] arrays (padding clients and rows are zeros). Only the slots in
+  `rows` (default: all) are filled: the others stay untouched zero pages, never resident, so a
+  process of a multi-process run holds only its own clients' examples."""
   n_max = max(len(c) for c in clients)
   t = clients[0].tokens.shape[1]
   out = {k: np.zeros((num_slots, n_max, t), getattr(clients[0], k).dtype)
          for k in ("tokens", "mask", "targets", "loss_mask")}
-  for i, c in enumerate(clients):
-    for k in out:
-      out[k][i, :len(c)] = getattr(c, k)
+  for i in (range(len(clients)) if rows is None else rows):
+    if i < len(clients):
+      for k in out:
+        out[k][i, :len(clients[i])] = getattr(clients[i], k)
   return out
 
 
@@ -86,9 +91,13 @@ def run(cfg: RunConfig, workdir: str, *, progress: bool = True,
     WorkdirLocked: another live run holds the workdir.
   """
   t_start = time.time()
-  _check_workdir(workdir)
-  with workdir_lib.WorkdirLock(workdir):
-    ckpt = ckpt_lib.Checkpointer(workdir, cfg.checkpoint_keep) if cfg.checkpoint_every else None
+  main = distributed.is_main()
+  if main:
+    _check_workdir(workdir)
+  # one lock per run: process 0's (the other processes of a multi-process run follow it)
+  with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
+    ckpt = (ckpt_lib.Checkpointer(workdir, cfg.checkpoint_keep, primary=main)
+            if cfg.checkpoint_every else None)
     try:
       return _run(cfg, workdir, progress, extra_train, ckpt, t_start)
     finally:
@@ -107,7 +116,10 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
     ckpt_lib.check_resumable(meta, cfg, s.fingerprint,
                              os.path.join(ckpt.directory, str(resume_round)))
   k = cfg.fed.num_clients
-  mesh = round_lib.make_mesh(min(jax.device_count(), k))
+  main = distributed.is_main()
+  # many processes: every device takes part (each process must own a part of the mesh)
+  mesh = round_lib.make_mesh(jax.device_count() if distributed.multi_process()
+                             else min(jax.device_count(), k))
   n_dev = mesh.devices.size
   slots = int(math.ceil(k / n_dev) * n_dev)
   plan = s.plan
@@ -119,7 +131,8 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   round_step = round_lib.make_round_step(s.graphdef, spec, client_tx, server_tx, mesh,
                                          plan.server)
 
-  data = round_lib.shard_clients(mesh, _stack_clients(s.clients, slots))
+  data = round_lib.shard_clients(mesh, _stack_clients(
+      s.clients, slots, distributed.owned_rows(round_lib.client_sharding(mesh), slots)))
   client_ids = round_lib.shard_clients(mesh, np.arange(slots, dtype=np.int32))
   frozen = round_lib.replicate(mesh, s.frozen)
   state = round_lib.replicate(mesh, round_lib.init_state(s.lora, server_tx,
@@ -131,18 +144,25 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   comm = Communication(lora_lib.nbytes(s.lora), s.full_model_bytes,
                        setup_down=s.factor_bytes["a"] * k if a_frozen else 0)
   host = HostState.create(cfg, s, comm)
-  writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  # only process 0 writes what the run releases; the others discard it
+  writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl") if main else os.devnull)
   if meta is not None:
     tree = ckpt.restore_state(resume_round, ckpt_lib.state_tree(state))
     state = round_lib.replicate(mesh, ckpt_lib.restored_round_state(tree, round_lib.RoundState))
     host.restore(meta["host"])
     ckpt_lib.check_ledger(meta, plan.ledger(host.rounds_done),
                           os.path.join(ckpt.directory, str(resume_round)))
-    writer.drop_after(host.rounds_done)
-  else:
+    if main:
+      writer.drop_after(host.rounds_done)
+  elif main:
     writer.reset()
+  # one run, one randomness: process 0's root in every process (a resumed run read the same
+  # checkpoint everywhere; sharing again is harmless), then checked
+  host.randomness = host.randomness.with_root(distributed.share_root)
+  distributed.assert_replicated(np.frombuffer(host.randomness.digest(), np.uint8),
+                               "the DP randomness root")
   start = host.rounds_done
-  tb = TensorBoardWriter(workdir)
+  tb = TensorBoardWriter(workdir) if main else None
   noise_key = host.randomness.noise_key
   cfg_dict = config_lib.to_dict(cfg)
 
@@ -151,7 +171,8 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
         "config": cfg_dict, "model": {"path": s.model_path, "fingerprint": s.fingerprint},
         "ledger": ledger.to_dict(), "host": host.to_dict()})
 
-  before = build_lib.evaluate(s, s.lora)
+  evaluate = build_lib.evaluate if main else lambda *_: {}
+  before = evaluate(s, s.lora)
   initial = jax.tree.map(np.asarray, s.lora)
   expected = cfg.fed.client_rate * k
   # the public noise norm sigma C sqrt(d) / B (only the private_diagnostics ratio uses it)
@@ -176,7 +197,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   first_round_s = None
   last_eval = None
   ledger = plan.ledger(start)  # one Ledger per round: its eps are computed once
-  bar = tqdm(range(start, cfg.fed.rounds), desc="rounds", disable=not progress,
+  bar = tqdm(range(start, cfg.fed.rounds), desc="rounds", disable=not (progress and main),
              initial=start, total=cfg.fed.rounds)
   for r in bar:
     nxt_ledger = plan.ledger(r + 1)
@@ -222,9 +243,10 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
     exp_bytes = comm.expected_round_bytes(expected)
     record = release.round_record(cfg.dp.mode, r + 1, nxt, public, up, down, exp_bytes,
                                   exp_bytes, diag)
+    distributed.assert_replicated(state.lora, f"the global LoRA after round {r + 1}")
     if cfg.eval_every and (r + 1) % cfg.eval_every == 0:  # the released LoRA, public data
-      record["eval"] = last_eval = build_lib.evaluate(s, state.lora)
-    if (r + 1) % cfg.log_every == 0 or r + 1 == cfg.fed.rounds:
+      record["eval"] = last_eval = evaluate(s, state.lora)
+    if main and ((r + 1) % cfg.log_every == 0 or r + 1 == cfg.fed.rounds):
       writer.write(record)
       tb.write(record)
     if ckpt and ((r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.fed.rounds):
@@ -233,12 +255,13 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
     if diag:
       post["private_loss"] = f"{diag['loss']:.3f}"
     bar.set_postfix(**post)
-  tb.close()
+  if tb is not None:
+    tb.close()
 
   lora = state.lora
   # the last round's eval_every evaluation is already the "after" one
   after = (last_eval if cfg.eval_every and cfg.fed.rounds % cfg.eval_every == 0
-           and last_eval is not None else build_lib.evaluate(s, lora))
+           and last_eval is not None else evaluate(s, lora))
   summary = report.summary(
       cfg, plan, ledger, comm, devices=n_dev, max_batch=s.max_batch,
       lora_params=lora_lib.count_params(lora), before=before, after=after,
@@ -246,10 +269,12 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
       randomness_source=host.randomness.source, a_frozen=a_frozen,
       diagnostics=({"overflows": host.sampler.overflows} if cfg.private_diagnostics else None))
   summary["resumed_from_round"] = start if meta is not None else None
-  with workdir_lib.private_open(os.path.join(workdir, "summary.json")) as f:
-    json.dump(summary, f, indent=2, default=float)
-  # only what this run wrote: never files of the user's that happen to sit in the workdir
-  workdir_lib.restrict_tree(tb.logdir)
+  summary["processes"] = jax.process_count()
+  if main:
+    with workdir_lib.private_open(os.path.join(workdir, "summary.json")) as f:
+      json.dump(summary, f, indent=2, default=float)
+    # only what this run wrote: never files of the user's that happen to sit in the workdir
+    workdir_lib.restrict_tree(tb.logdir)
   return RunResult(summary, lora, state, s, host)
 
 

@@ -17,6 +17,7 @@ directory) so that a resumed run is the same run; it never leaves it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -64,6 +65,16 @@ class DPRandomness:
     """The generator of round `round_`'s client sample (the server's)."""
     return np.random.default_rng(np.random.SeedSequence(self._root,
                                                         spawn_key=(CLIENTS, int(round_))))
+
+  def with_root(self, share) -> "DPRandomness":
+    """This randomness with root `share(root)` (a multi-process run: process 0's root in every
+    process, `distributed.share_root`)."""
+    return DPRandomness(self.reproducible_seed, _root=share(self._root))
+
+  def digest(self) -> bytes:
+    """SHA-256 of the root: compares roots across the run's own processes without sending
+    them (never released)."""
+    return hashlib.sha256(self._root.to_bytes(64, "little")).digest()
 
   @property
   def secret(self) -> bool:

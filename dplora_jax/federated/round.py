@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dplora_jax import distributed
 from dplora_jax.dp.mechanisms import ClientDP
 from dplora_jax.federated import aggregation, client as client_lib
 
@@ -189,10 +190,18 @@ def round_keys(noise_key: jax.Array, round_: jax.Array) -> tuple[jax.Array, jax.
           jax.random.fold_in(jax.random.fold_in(noise_key, 1), round_))
 
 
+def client_sharding(mesh) -> NamedSharding:
+  """Arrays with a leading client axis, split over "clients"."""
+  return NamedSharding(mesh, P(AXIS))
+
+
 def shard_clients(mesh, tree: PyTree) -> PyTree:
-  """Places arrays with a leading client axis on the mesh (split over "clients")."""
-  return jax.device_put(tree, NamedSharding(mesh, P(AXIS)))
+  """Places host arrays with a leading client axis on the mesh (split over "clients"); in a
+  multi-process run each process reads only the rows its devices hold."""
+  return distributed.place(client_sharding(mesh), tree)
 
 
 def replicate(mesh, tree: PyTree) -> PyTree:
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """Places a tree on every device of the mesh (in a multi-process run without comparing it
+  across processes: each process provides its own copy)."""
+  return distributed.place(NamedSharding(mesh, P()), tree)

@@ -1,17 +1,18 @@
 """A real Flower deployment on 127.0.0.1: SuperLink + 3 SuperNodes (+1 intruder), TLS with test
-certificates, SuperNode authentication; the ServerApp is killed after round 1, the rerun resumes,
-and the final LoRA equals the one-program simulation. Every process is stopped at the end
-(LocalFederation).
-
-A node that crashes and rejoins is tested in-process (tests/deploy/test_inprocess.py): in real
-processes a dead node costs the server a whole round timeout, and under SuperNode authentication
-the restarted node can reactivate its (key-bound) node id only after the SuperLink's heartbeat
-timeout, about a minute."""
+certificates, SuperNode authentication. In round 1 SuperNode 2 is killed while its ClientApp
+trains; the SuperLink declares it unavailable after its heartbeat lapses (Flower 1.42: within
+2 x 30 s), the round completes with the fixed divisor; then the ServerApp is killed, node 2
+restarts, the rerun resumes from the checkpoint and node 2 trains round 2. The final LoRA equals
+the in-process deployment with the same drop (`deploy_drop`; that one equals the simulation when
+nothing drops, test_inprocess.py), and the ledgers say who trained when. Every process is stopped
+at the end (LocalFederation)."""
 
 import json
 import os
 import re
 import signal
+import threading
+import time
 
 import jax
 import numpy as np
@@ -26,14 +27,15 @@ from tests.deploy.conftest import SEED, SPEC
 pytestmark = pytest.mark.slow
 
 
-def test_flower_deployment_with_tls_auth_crash_and_resume_equals_the_simulation(deploy_sim):
+def test_flower_deployment_with_tls_auth_node_and_server_crashes(deploy_sim, deploy_drop):
   cfg, sim, paths, root = deploy_sim
+  _, reference, _ = deploy_drop
   root = root / "flower"
   tls = local.make_certificates(str(root / "certs"))
   workdir = root / "server"
   run_config = {"config": os.path.abspath(SPEC.split(":")[0]) + ":" + SPEC.split(":")[1],
                 "overrides": f"dp.reproducible_seed={SEED}", "workdir": str(workdir),
-                "round-timeout": 300.0, "wait-for-clients": 60.0,
+                "round-timeout": 300.0, "wait-for-clients": 150.0,
                 "evaluate": False}  # evaluation is tested in-process
   logs = []
   with local.LocalFederation(str(root / "fed"), tls=tls, auth=True, log=logs.append) as fed:
@@ -51,17 +53,34 @@ def test_flower_deployment_with_tls_auth_crash_and_resume_equals_the_simulation(
 
     killed = {}
 
-    def kill_after_round_1(line):
+    def kill_node_2_while_it_trains():
+      # its ClientApp process starts for the train message (the second one after the hello)
+      deadline = time.time() + 120
+      while time.time() < deadline:
+        if fed.log_text("supernode_2").count("Start `flwr-clientapp` process") >= 2:
+          time.sleep(1.0)
+          fed.stop_node(2)
+          killed["node"] = time.time()
+          return
+        time.sleep(0.2)
+
+    def on_line(line):
       m = re.search(r"coordinator on .* \(pid (\d+)\)", line)
       if m:
         killed["pid"] = int(m.group(1))
-      if "round 1/2:" in line:  # checkpointed: kill the ServerApp mid-run
+      if "3 of 3 clients joined" in line:
+        threading.Thread(target=kill_node_2_while_it_trains, daemon=True).start()
+      if "round 1/2:" in line:  # checkpointed: kill the ServerApp mid-run, restart node 2
+        killed["round_1"] = line
         os.kill(killed["pid"], signal.SIGKILL)
+        fed.start_node(2, node(2), private_key=keys[2])
         return True
       return False
 
-    rc, out = fed.run(run_config, timeout=600, on_line=kill_after_round_1)
-    assert rc == -1 and "pid" in killed, out[-3000:]
+    rc, out = fed.run(run_config, timeout=600, on_line=on_line)
+    assert rc == -1 and "pid" in killed and "node" in killed, out[-3000:]
+    assert "2 of 3 sampled clients contributed" in killed["round_1"], out[-3000:]
+    assert "no reply from client(s) [2]" in out
     rc, out = fed.run(run_config, timeout=600)
     assert rc == 0, out[-3000:]
     assert "resuming run" in out and "after round 1" in out
@@ -76,14 +95,18 @@ def test_flower_deployment_with_tls_auth_crash_and_resume_equals_the_simulation(
   summary = json.load(open(workdir / "summary.json"))
   assert summary["resumed_from_round"] == 1 and summary["deployment"]["rounds_done"] == 2
   assert summary["epsilon"] == pytest.approx(sim.summary["epsilon"], rel=1e-12)
+  lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  assert [(l["participants"], l["sampled"], l["dropped"]) for l in lines] == [(2, 3, 1), (3, 3, 0)]
   model, *_ = export.load_trained(str(workdir))
   _, lora, _ = lora_lib.split(model)
-  for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(sim.lora)):
+  for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(reference.state.lora)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
-  # each client's own ledger: both rounds, the plan's eps, nothing charged twice
+  # each client's own ledger: the rounds it trained, their eps, nothing charged twice
+  mech = sim.setup.plan.get("example")
   for k in range(3):
     state = ClientState(str(root / f"state{k}"))
     (run,) = state.runs.values()
-    assert sorted(run["rounds"]) == ["0", "1"]
-    assert state.entry().epsilon == pytest.approx(sim.summary["epsilon"], rel=1e-9)
+    assert sorted(run["rounds"]) == (["1"] if k == 2 else ["0", "1"])
+    want = mech.epsilon_after(1) if k == 2 else sim.summary["epsilon"]
+    assert state.entry().epsilon == pytest.approx(want, rel=1e-9)
   assert os.path.exists(workdir / "adapter" / "adapter_model.safetensors")

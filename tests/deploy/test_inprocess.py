@@ -14,57 +14,10 @@ import pytest
 from dp_accounting import rdp
 
 from dplora_jax.deploy import client as client_lib, protocol
-from dplora_jax.deploy import server as server_lib
 from dplora_jax.dp import accounting
 from dplora_jax.dp.randomness import DPRandomness
 
-from tests.deploy.conftest import SEED
-
-
-class Transport:
-  """In-memory transport: node id -> InstitutionClient; records every message; `drop(r, c)`
-  loses client c's train message of round r; `crash_at` raises before sending that round."""
-
-  def __init__(self, clients: dict[int, client_lib.InstitutionClient]):
-    self.clients = dict(clients)
-    self.sent, self.replies = [], []
-    self.drops, self.crash_at, self.rejoin = set(), None, {}
-
-  def node_ids(self):
-    return sorted(self.clients)
-
-  def send(self, kind, messages, timeout):
-    out = {}
-    for node, msg in messages.items():
-      rnd = msg["config"].get("round")
-      if kind == protocol.TRAIN and rnd == self.crash_at:
-        raise KeyboardInterrupt("server killed")
-      self.sent.append((kind, node, msg))
-      cid = self.clients[node].node.client_id
-      if kind == protocol.TRAIN and (rnd, cid) in self.drops:
-        out[node] = None
-        if cid in self.rejoin:  # the node restarts: a new node id from now on
-          self.clients[self.rejoin.pop(cid)] = self.clients.pop(node)
-        continue
-      out[node] = self.clients[node].handle(kind, msg)
-      self.replies.append((kind, cid, out[node]))
-    return out
-
-
-@pytest.fixture
-def fed(deploy_sim):
-  return deploy_sim
-
-
-def _clients(paths, root, name, max_epsilon=100.0):
-  return {100 + k: client_lib.InstitutionClient(client_lib.NodeSettings(
-      k, p, str(root / f"{name}_state{k}"), max_epsilon, allow_reproducible_seed=True))
-      for k, p in enumerate(paths)}
-
-
-def _serve(cfg, transport, workdir, evaluate=False):
-  return server_lib.serve(cfg, transport, server_lib.ServerSettings(
-      str(workdir), wait_for_clients=0, evaluate=evaluate), log=lambda m: None)
+from tests.deploy.conftest import SEED, Transport, make_clients as _clients, serve as _serve
 
 
 def _leaves(tree):
@@ -125,13 +78,10 @@ def test_deployment_equals_the_simulation_through_a_server_crash_and_sends_only_
     assert os.stat(c.state.path).st_mode & 0o077 == 0
 
 
-def test_a_dropped_client_is_a_non_contribution_and_rejoins(fed):
+def test_a_dropped_client_is_a_non_contribution_and_rejoins(fed, deploy_drop):
   cfg, sim, paths, root = fed
-  clients = _clients(paths, root, "drop")
-  t = Transport(clients)
-  t.drops, t.rejoin = {(0, 2)}, {2: 999}  # client 2's node dies in round 1, restarts with id 999
-  res = _serve(cfg, t, root / "drop_server")
-  lines = [json.loads(l) for l in open(root / "drop_server" / "metrics.jsonl")]
+  t, res, workdir = deploy_drop
+  lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   assert [(l["participants"], l["sampled"], l["dropped"]) for l in lines] == [(2, 3, 1), (3, 3, 0)]
   # round 1's global update = the two replies / 3 (the divisor fixed before anyone replied)
   before, after = [protocol.arrays_to_lora(m["arrays"], sim.lora) for k, n, m in t.sent
