@@ -262,6 +262,19 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """How the round is laid out on devices (execution only: the same mechanism and numbers up to
+  float summation order)."""
+  # devices per group that splits the frozen base weights (the mesh's "fsdp" axis; the
+  # "clients" axis takes the rest): 1 = every device holds the whole base model
+  fsdp: int = 1
+
+  def __post_init__(self):
+    _check(isinstance(self.fsdp, int) and self.fsdp >= 1, "mesh.fsdp", self.fsdp,
+           "an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   """A whole run. Every field's default lives here; `configs/common.py` builds from them."""
   model: ModelSource = dataclasses.field(default_factory=ModelSource)
@@ -270,6 +283,7 @@ class RunConfig:
   dp: DPConfig = dataclasses.field(default_factory=DPConfig)
   fed: FedConfig = dataclasses.field(default_factory=FedConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   seed: int = 0  # init, partitions and data order (never DP randomness: dp.reproducible_seed)
   log_every: int = 1  # write metrics.jsonl every this many rounds
   checkpoint_every: int = 1  # save every this many rounds (0 = never); the last round always
@@ -335,10 +349,10 @@ RESUME_MAY_CHANGE = ("log_every", "checkpoint_every", "checkpoint_keep", "data.e
                      "data.eval_file", "data.eval_batch_size", "data.max_new_tokens", "eval_every",
                      # execution only: how the same mechanism is computed
                      "model.attention", "model.remat", "model.remat_policy",
-                     "data.length_buckets", "fed.client_loop")
+                     "data.length_buckets", "fed.client_loop", "mesh.fsdp")
 RENAMED = {"dp.noise_seed": "dp.reproducible_seed"}
 _SECTIONS = {"model": ModelSource, "lora": LoRAConfig, "data": DataConfig, "dp": DPConfig,
-             "fed": FedConfig, "optim": OptimConfig}
+             "fed": FedConfig, "optim": OptimConfig, "mesh": MeshConfig}
 
 
 def unknown_keys_message(unknown: list[str], known: list[str]) -> str:

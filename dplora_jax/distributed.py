@@ -146,16 +146,19 @@ def assert_replicated(tree, what: str):
                           "run; stopping.")
 
 
-def place(sharding: NamedSharding, tree):
-  """Host arrays (numpy) as global arrays of `sharding`; each process reads only its slices."""
+def place(sharding, tree):
+  """Host arrays as global arrays of `sharding` (one NamedSharding, or a tree of them matching
+  `tree`); in a multi-process run each process reads only the slices its devices hold."""
   if not multi_process():
     return jax.device_put(tree, sharding)
+  shardings = (jax.tree.map(lambda _: sharding, tree) if isinstance(sharding, NamedSharding)
+               else sharding)
 
-  def one(x):
+  def one(x, s):
     x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
 
-  return jax.tree.map(one, tree)
+  return jax.tree.map(one, tree, shardings)
 
 
 def owned_rows(sharding: NamedSharding, num_rows: int) -> list[int]:

@@ -118,7 +118,6 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> nnx.Module:
       raise ValueError(f"lora.rank={cfg.rank} exceeds min(in, out)={min(d_in, d_out)} of target "
                        f"{name!r} ([{d_in}, {d_out}]).")
     k = jax.random.fold_in(key, i)
-    dtype = dense.kernel[...].dtype
     b = jnp.zeros((*stack, cfg.rank, d_out), jnp.float32)
     if cfg.init == "kaiming":
       bound = 1.0 / math.sqrt(d_in)
@@ -130,8 +129,10 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> nnx.Module:
       bound = 1.0 / math.sqrt(cfg.rank)
       b = jax.random.uniform(k, (*stack, cfg.rank, d_out), jnp.float32, -bound, bound)
     a_type = layers.FrozenLoRAParam if cfg.freeze_a else layers.LoRAParam
-    dense.lora_a = a_type(a.astype(dtype))
-    dense.lora_b = layers.LoRAParam(b.astype(dtype))
+    # float32 whatever the base's dtype: a small noised update vanishes in a bfloat16 factor
+    # (the layer casts the factors to its compute dtype when it applies them)
+    dense.lora_a = a_type(a)
+    dense.lora_b = layers.LoRAParam(b)
     dense.lora_scaling = float(cfg.scaling)
   return model
 

@@ -117,14 +117,21 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
                              os.path.join(ckpt.directory, str(resume_round)))
   k = cfg.fed.num_clients
   main = distributed.is_main()
+  fsdp = cfg.mesh.fsdp
+  if jax.device_count() % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp} does not divide the {jax.device_count()} devices.")
   # many processes: every device takes part (each process must own a part of the mesh)
-  mesh = round_lib.make_mesh(jax.device_count() if distributed.multi_process()
-                             else min(jax.device_count(), k))
+  groups = jax.device_count() // fsdp
+  mesh = round_lib.make_mesh(fsdp * (groups if distributed.multi_process() else min(groups, k)),
+                             fsdp)
   n_dev = mesh.devices.size
-  slots = int(math.ceil(k / n_dev) * n_dev)
+  n_groups = mesh.shape[round_lib.AXIS]
+  slots = int(math.ceil(k / n_groups) * n_groups)
   plan = s.plan
   buckets = buckets_lib.bucket_lengths(cfg.data.max_length, cfg.data.length_buckets)
   spec = client_lib.ClientSpec.from_plan(plan, cfg, s.loss_positions, buckets)
+  if fsdp > 1:  # collectives of the fsdp axis inside the loops: every group runs alike
+    spec = dataclasses.replace(spec, uniform_axis=round_lib.AXIS)
   client_tx = client_lib.make_client_optimizer(cfg.optim.optimizer, cfg.optim.learning_rate,
                                                cfg.optim.weight_decay)
   server_tx = round_lib.make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)
@@ -134,7 +141,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   data = round_lib.shard_clients(mesh, _stack_clients(
       s.clients, slots, distributed.owned_rows(round_lib.client_sharding(mesh), slots)))
   client_ids = round_lib.shard_clients(mesh, np.arange(slots, dtype=np.int32))
-  frozen = round_lib.replicate(mesh, s.frozen)
+  frozen = distributed.place(round_lib.frozen_shardings(mesh, s.frozen), s.frozen)
   state = round_lib.replicate(mesh, round_lib.init_state(s.lora, server_tx,
                                                          cfg.dp.client_clip_norm))
   sizes = [len(c) for c in s.clients]  # private: feed only the weights of dp.mode none

@@ -64,6 +64,11 @@ class ClientSpec:
     client_loop: "map" (the clients of a device one after another: each runs only its own
       microbatches, and a bucket's branch alone) or "vmap" (batched; every client runs the
       largest client's microbatches, and buckets are ignored).
+    uniform_axis: a mesh axis ("clients") over which the microbatch loop's trip count and each
+      microbatch's bucket are made equal (their max), or "" (each client its own). Needed when
+      the step holds collectives of another axis (fsdp-sharded weights): devices running
+      different trip counts or branches would wait for each other forever. Results are the same
+      (extra microbatches hold only padding; a longer bucket holds every real token).
   """
   microbatch: int
   local_steps: int
@@ -73,6 +78,7 @@ class ClientSpec:
   loss_positions: int = 0
   length_buckets: tuple[int, ...] = ()
   client_loop: str = "map"
+  uniform_axis: str = ""
 
   def __post_init__(self):
     if self.dpsgd is not None and self.paper is not None:
@@ -135,13 +141,18 @@ def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
   # results are identical either way, only time is saved.
   end = jnp.max(jnp.where(valid, jnp.arange(valid.shape[0]) + 1, 0))
   num_micro = (end + mb - 1) // mb
+  if spec.uniform_axis:
+    num_micro = jax.lax.pmax(num_micro, spec.uniform_axis)
 
   def body(i, acc):
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * mb, mb)
     b = jax.tree.map(take, batch)
     v = take(valid)
     if len(branches) > 1 and bucket is not None:
-      losses, grads = jax.lax.switch(bucket[i], branches, b)
+      which = bucket[i]
+      if spec.uniform_axis:
+        which = jax.lax.pmax(which, spec.uniform_axis)
+      losses, grads = jax.lax.switch(which, branches, b)
     else:
       losses, grads = grads_at(0, b)
     if spec.dpsgd is not None:

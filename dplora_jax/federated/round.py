@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from dplora_jax import distributed
 from dplora_jax.dp.mechanisms import ClientDP
@@ -21,6 +21,7 @@ from dplora_jax.federated import aggregation, client as client_lib
 
 PyTree = Any
 AXIS = "clients"
+FSDP = "fsdp"
 
 
 class RoundState(NamedTuple):
@@ -31,9 +32,43 @@ class RoundState(NamedTuple):
   client_clip: jax.Array  # float32 scalar: S of client-level DP (adaptive clipping moves it)
 
 
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> jax.sharding.Mesh:
+  """The round's mesh: `num_devices` devices (default: all) as ("clients",), or with `fsdp` > 1
+  as ("clients", "fsdp") of shape (num_devices / fsdp, fsdp): the clients axis splits the
+  clients, the fsdp axis the frozen base weights (`frozen_shardings`).
+
+  The fsdp axis is Auto (XLA places the collectives a sharded weight needs); "clients" is manual
+  inside the round (`shard_map` over it only).
+  """
   n = num_devices or jax.device_count()
-  return jax.make_mesh((n,), (AXIS,), devices=jax.devices()[:n])
+  if fsdp == 1:
+    return jax.make_mesh((n,), (AXIS,), devices=jax.devices()[:n])
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp} must divide the {n} devices of the round.")
+  return jax.make_mesh((n // fsdp, fsdp), (AXIS, FSDP), devices=jax.devices()[:n],
+                       axis_types=(AxisType.Explicit, AxisType.Auto))
+
+
+def frozen_shardings(mesh, frozen: PyTree) -> PyTree:
+  """Shardings of the frozen base weights: replicated over "clients"; with an fsdp axis, each
+  weight split along its largest dimension that fsdp divides (never the scanned layer axis of a
+  stacked weight; vectors such as norm scales stay whole)."""
+  fsdp = mesh.shape.get(FSDP, 1)
+
+  def one(path, x):
+    stacked = any(getattr(k, "key", None) == "layers" for k in path)
+    dims = list(range(1 if stacked else 0, x.ndim))
+    if fsdp == 1 or len(dims) < 2:
+      return NamedSharding(mesh, P())
+    best = max((d for d in dims if x.shape[d] % fsdp == 0), key=lambda d: x.shape[d],
+               default=None)
+    if best is None:
+      return NamedSharding(mesh, P())
+    spec = [None] * x.ndim
+    spec[best] = FSDP
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree_util.tree_map_with_path(one, frozen)
 
 
 def make_server_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
@@ -111,10 +146,12 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
       summed, sums["shifted_count"], _ = client_dp.clip(deltas, take, client_clip)
     return jax.lax.psum((summed, sums), AXIS)
 
+  # manual over "clients" only: an fsdp axis stays with XLA (the frozen weights' collectives)
+  manual = {AXIS} if FSDP in mesh.axis_names else set(mesh.axis_names)
   sharded = jax.shard_map(
       per_device, mesh=mesh,
       in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(), P(), P(AXIS)),
-      out_specs=P(), check_vma=False)  # client scans start from replicated zeros
+      out_specs=P(), axis_names=manual, check_vma=False)  # client scans start from zeros
 
   def round_step(state: RoundState, frozen, data, idx, valid, weights, client_ids, noise_key,
                  buckets=None):
