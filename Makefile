@@ -32,8 +32,11 @@ demo: install
 deploy-demo: install-deploy
 	$(PY) -m launch.deploy_local --config configs/deploy.py --workdir runs/deploy_demo
 
+# The suite in TEST_WORKERS processes (pytest-xdist; one test file per worker at a time, so module
+# fixtures are built once); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: install-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

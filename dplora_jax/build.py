@@ -55,7 +55,7 @@ class Setup:
   fingerprint: str = ""  # of the base weights (checkpoints reference it)
 
 
-def _random_arch(cfg: RunConfig, tok) -> tuple[ModelConfig, str]:
+def random_arch(cfg: RunConfig, tok) -> tuple[ModelConfig, str]:
   """(architecture, fingerprint) of a `model.random_init` base model."""
   m = cfg.model
   arch = ModelConfig(family="llama", vocab_size=len(tok), hidden_size=m.hidden_size,
@@ -71,7 +71,7 @@ def load_base(cfg: RunConfig):
   m = cfg.model
   if m.random_init:
     tok = load_tokenizer(m.tokenizer or m.path)
-    arch, ident = _random_arch(cfg, tok)
+    arch, ident = random_arch(cfg, tok)
     model = configure_execution(build_model(arch, seed=cfg.seed), attention=m.attention,
                                 remat=m.remat, remat_policy=m.remat_policy)
     return model, tok, ident, "<random init>"
@@ -84,7 +84,7 @@ def load_base(cfg: RunConfig):
 def base_fingerprint(cfg: RunConfig) -> str:
   """The fingerprint `load_base` reports, without building the model or reading its weights."""
   if cfg.model.random_init:
-    return _random_arch(cfg, load_run_tokenizer(cfg))[1]
+    return random_arch(cfg, load_run_tokenizer(cfg))[1]
   return model_fingerprint(cfg.model.path)
 
 

@@ -145,11 +145,12 @@ def format_summary(s: dict) -> str:
   if s.get("private_diagnostics"):
     lines.append("  " + DIAGNOSTICS_WARNING)
   task = s.get("task", "tfns")
-  lines += [
-      f"  {task} held-out (n={b.get('n')}):",
-      f"    zero-shot : {metric_text(b)}",
-      f"    fine-tuned: {metric_text(a)}",
-  ]
+  if b or a:  # a deployment run without evaluation has neither
+    lines += [
+        f"  {task} held-out (n={b.get('n')}):",
+        f"    zero-shot : {metric_text(b)}",
+        f"    fine-tuned: {metric_text(a)}",
+    ]
   if "majority_accuracy" in b:
     lines.append(f"    always answering the most frequent class: accuracy "
                  f"{b['majority_accuracy']:.3f}")

@@ -32,8 +32,9 @@ PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); p
 echo "[local_multiprocess] $NPROC processes x $DEVICES CPU devices, coordinator 127.0.0.1:$PORT, logs of processes 1.. in $LOG_DIR"
 
 # DEVICES_PER_PROC decides the device count: drop a forced host device count from XLA_FLAGS
-XLA_FLAGS=$(echo "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')
-export XLA_FLAGS JAX_PLATFORMS=cpu
+XLA_FLAGS=$(echo "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g; s/ +/ /g; s/^ //; s/ $//')
+if [ -n "$XLA_FLAGS" ]; then export XLA_FLAGS; else unset XLA_FLAGS; fi
+export JAX_PLATFORMS=cpu
 
 pids=()
 cleanup() {

@@ -67,10 +67,14 @@ class FlowerTransport:
     out = {int(n): None for n in messages}
     msgs = [Message(to_record(m), dst_node_id=int(n), message_type=KINDS[kind],
                     ttl=max(float(timeout), 60.0)) for n, m in messages.items()]
-    for rep in self.grid.send_and_receive(msgs, timeout=timeout):
-      node = int(rep.metadata.src_node_id)
+    replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
+    # pushing gave each message its id; an error reply may come from the SuperLink itself
+    # (e.g. "node unavailable"), so the node is the one the replied-to message went to
+    sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in msgs}
+    for rep in replies:
+      node = sent_to.get(rep.metadata.reply_to_message_id, int(rep.metadata.src_node_id))
       if rep.has_error():
-        self.log(f"node {node}: the ClientApp failed: {rep.error.reason}")
+        self.log(f"node {node}: no reply ({rep.error.reason})")
         continue
       try:
         out[node] = from_record(rep.content)
