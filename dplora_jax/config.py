@@ -268,6 +268,10 @@ class MeshConfig:
   # devices per group that splits the frozen base weights (the mesh's "fsdp" axis; the
   # "clients" axis takes the rest): 1 = every device holds the whole base model
   fsdp: int = 1
+  # sum the client updates in client order (an all_gather, then a sequential sum): results
+  # bitwise independent of the number of devices and processes; default a psum (equal up to
+  # float summation order, ~1e-8)
+  ordered_aggregation: bool = False
 
   def __post_init__(self):
     _check(isinstance(self.fsdp, int) and self.fsdp >= 1, "mesh.fsdp", self.fsdp,
@@ -349,7 +353,8 @@ RESUME_MAY_CHANGE = ("log_every", "checkpoint_every", "checkpoint_keep", "data.e
                      "data.eval_file", "data.eval_batch_size", "data.max_new_tokens", "eval_every",
                      # execution only: how the same mechanism is computed
                      "model.attention", "model.remat", "model.remat_policy",
-                     "data.length_buckets", "fed.client_loop", "mesh.fsdp")
+                     "data.length_buckets", "fed.client_loop", "mesh.fsdp",
+                     "mesh.ordered_aggregation")
 RENAMED = {"dp.noise_seed": "dp.reproducible_seed"}
 _SECTIONS = {"model": ModelSource, "lora": LoRAConfig, "data": DataConfig, "dp": DPConfig,
              "fed": FedConfig, "optim": OptimConfig, "mesh": MeshConfig}

@@ -23,8 +23,9 @@ class HostState:
   rounds_done: int = 0
 
   @classmethod
-  def create(cls, cfg, setup, comm: Communication) -> "HostState":
-    randomness = DPRandomness(cfg.dp.reproducible_seed)
+  def create(cls, cfg, setup, comm: Communication,
+             randomness: DPRandomness | None = None) -> "HostState":
+    randomness = randomness or DPRandomness(cfg.dp.reproducible_seed)
     sampler = sampling.PoissonSampler([len(c) for c in setup.clients], setup.rates,
                                       setup.max_batch, poisson=cfg.data.sampling == "poisson",
                                       fixed_batch=cfg.data.batch_size)

@@ -128,7 +128,8 @@ def plan_round(cfg: RunConfig, *, microbatch: int | None = None,
   client_tx = client_lib.make_client_optimizer(cfg.optim.optimizer, cfg.optim.learning_rate,
                                                cfg.optim.weight_decay)
   server_tx = round_lib.make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)
-  step = round_lib.make_round_step(graphdef, spec, client_tx, server_tx, mesh, plan.server)
+  step = round_lib.make_round_step(graphdef, spec, client_tx, server_tx, mesh, plan.server,
+                                   cfg.mesh.ordered_aggregation)
 
   rep, by_client = NamedSharding(mesh, P()), round_lib.client_sharding(mesh)
   state = jax.eval_shape(lambda l: round_lib.init_state(l, server_tx, cfg.dp.client_clip_norm),

@@ -26,6 +26,7 @@ from dplora_jax.config import RunConfig
 from dplora_jax.data import buckets as buckets_lib
 from dplora_jax.dp import release
 from dplora_jax.federated import client as client_lib, round as round_lib
+from dplora_jax.dp.randomness import DPRandomness
 from dplora_jax.host_state import HostState
 from dplora_jax.metrics import Communication, JsonlWriter, TensorBoardWriter
 
@@ -75,6 +76,11 @@ def _check_workdir(workdir: str):
                           "--workdir.") from e
 
 
+def _check_replicated_root(randomness: DPRandomness):
+  distributed.assert_replicated(np.frombuffer(randomness.digest(), np.uint8),
+                                "the DP randomness root")
+
+
 def run(cfg: RunConfig, workdir: str, *, progress: bool = True,
         extra_train: list | None = None) -> RunResult:
   """Trains `cfg`, or resumes it from the newest checkpoint in `workdir`.
@@ -111,6 +117,10 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   if resume_round is not None:  # refuse a different run before loading anything
     meta = ckpt.read_meta(resume_round)
     ckpt_lib.check_resumable(meta, cfg, path=os.path.join(ckpt.directory, str(resume_round)))
+  # one run, one randomness: process 0's root in every process, checked before anything is
+  # built (a resumed run reads the same checkpoint everywhere; checked again below)
+  randomness = DPRandomness(cfg.dp.reproducible_seed).with_root(distributed.share_root)
+  _check_replicated_root(randomness)
   s = build_lib.build(cfg, extra_train)
   if meta is not None:
     ckpt_lib.check_resumable(meta, cfg, s.fingerprint,
@@ -136,7 +146,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
                                                cfg.optim.weight_decay)
   server_tx = round_lib.make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)
   round_step = round_lib.make_round_step(s.graphdef, spec, client_tx, server_tx, mesh,
-                                         plan.server)
+                                         plan.server, cfg.mesh.ordered_aggregation)
 
   data = round_lib.shard_clients(mesh, _stack_clients(
       s.clients, slots, distributed.owned_rows(round_lib.client_sharding(mesh), slots)))
@@ -150,7 +160,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   a_frozen = build_lib.effective_lora(cfg).freeze_a
   comm = Communication(lora_lib.nbytes(s.lora), s.full_model_bytes,
                        setup_down=s.factor_bytes["a"] * k if a_frozen else 0)
-  host = HostState.create(cfg, s, comm)
+  host = HostState.create(cfg, s, comm, randomness)
   # only process 0 writes what the run releases; the others discard it
   writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl") if main else os.devnull)
   if meta is not None:
@@ -163,11 +173,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
       writer.drop_after(host.rounds_done)
   elif main:
     writer.reset()
-  # one run, one randomness: process 0's root in every process (a resumed run read the same
-  # checkpoint everywhere; sharing again is harmless), then checked
-  host.randomness = host.randomness.with_root(distributed.share_root)
-  distributed.assert_replicated(np.frombuffer(host.randomness.digest(), np.uint8),
-                               "the DP randomness root")
+  _check_replicated_root(host.randomness)
   start = host.rounds_done
   tb = TensorBoardWriter(workdir) if main else None
   noise_key = host.randomness.noise_key

@@ -40,17 +40,23 @@ def _rows(mask: jax.Array, x: jax.Array) -> jax.Array:
   return mask.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
+def scaled_rows(rows: PyTree, factors: jax.Array) -> PyTree:
+  """factors[i] * rows[i] for every row (leaves [N, ...]) in float32; rows with factor <= 0 are
+  exactly zero (`where`), so a non-finite row never reaches a sum of them."""
+  def one(g):
+    g = g.astype(jnp.float32)
+    f = _rows(factors, g)
+    return jnp.where(f > 0, f * g, 0.0)
+
+  return jax.tree.map(one, rows)
+
+
 def scaled_row_sum(rows: PyTree, factors: jax.Array) -> PyTree:
   """sum_i factors[i] * rows[i] (leaves [N, ...]), elementwise in float32.
 
   Rows with factor <= 0 are excluded with `where`, so a non-finite row never reaches the sum.
   """
-  def one(g):
-    g = g.astype(jnp.float32)
-    f = _rows(factors, g)
-    return jnp.sum(jnp.where(f > 0, f * g, 0.0), axis=0)
-
-  return jax.tree.map(one, rows)
+  return jax.tree.map(lambda x: jnp.sum(x, axis=0), scaled_rows(rows, factors))
 
 
 class ClippedSum(NamedTuple):

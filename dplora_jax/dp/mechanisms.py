@@ -167,6 +167,16 @@ class ClientDP:
              else jnp.float32(0))
     return clipped.sum, count, clipped.norms
 
+  def clip_rows(self, deltas: PyTree, take: jax.Array, clip_norm: jax.Array):
+    """`clip` without the sum: (each client's clipped update [K, ...], zero unless it takes
+    part; shifted count; norms). Their sum is `clip`'s sum up to float summation order (the
+    round's ordered aggregation sums them in client order)."""
+    norms = jax.vmap(clipping.global_norm)(deltas)
+    rows = clipping.scaled_rows(deltas, clipping.clip_factors(norms, clip_norm, take))
+    count = (AdaptiveClip.shifted_count(norms, take, clip_norm) if self.adaptive
+             else jnp.float32(0))
+    return rows, count, norms
+
   def release(self, key: jax.Array, clipped_sum: PyTree, shifted_count: jax.Array,
               clip_norm: jax.Array):
     """The server's release: (sum + N(0, (sigma_delta S)^2)) / (p K), and the next S.

@@ -23,3 +23,18 @@ def weighted_sum(deltas: PyTree, weights: jax.Array) -> PyTree:
   is non-finite.
   """
   return clipping.scaled_row_sum(deltas, weights.astype(jnp.float32))
+
+
+def weighted_rows(deltas: PyTree, weights: jax.Array) -> PyTree:
+  """w_k delta_k per client (leaves [K, ...]); exactly zero for a zero-weight client."""
+  return clipping.scaled_rows(deltas, weights.astype(jnp.float32))
+
+
+def ordered_sum(rows: PyTree) -> PyTree:
+  """sum over the leading axis, added strictly in row order (a scan), so the result depends on
+  the rows only, never on how they were laid out on devices."""
+  def one(x):
+    total, _ = jax.lax.scan(lambda acc, r: (acc + r, None), jnp.zeros(x.shape[1:], x.dtype), x)
+    return total
+
+  return jax.tree.map(one, rows)

@@ -89,7 +89,7 @@ def init_state(lora: PyTree, server_tx: optax.GradientTransformation,
 
 
 def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx, mesh,
-                    client_dp: ClientDP | None = None):
+                    client_dp: ClientDP | None = None, ordered: bool = False):
   """Builds `round_step(state, frozen, data, idx, valid, weights, client_ids, noise_key,
   buckets=None)`.
 
@@ -99,6 +99,9 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
     mesh: a mesh with a "clients" axis.
     client_dp: client-level DP at the server (DP-FedAvg; the plan's `server`), or None
       (weighted FedAvg).
+    ordered: sum the client updates in client order after an all_gather (results bitwise
+      independent of the device and process layout; K LoRA-sized rows per device) instead of a
+      psum of per-device sums (equal up to float summation order).
 
   Args (of the returned function):
     state: RoundState (donated).
@@ -140,6 +143,13 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
     sums = {k: jnp.sum(jnp.where(take, v, 0.0)) for k, v in stats.items()}
     sums["participants"] = jnp.sum(take.astype(jnp.float32))
     sums["weight"] = jnp.sum(weights.astype(jnp.float32))
+    if ordered:  # every client's row to every device, summed in client order
+      if client_dp is None:
+        rows = aggregation.weighted_rows(deltas, weights)
+      else:
+        rows, sums["shifted_count"], _ = client_dp.clip_rows(deltas, take, client_clip)
+      rows = jax.lax.all_gather(rows, AXIS, tiled=True)
+      return aggregation.ordered_sum(rows), jax.lax.psum(sums, AXIS)
     if client_dp is None:
       summed = aggregation.weighted_sum(deltas, weights)
     else:

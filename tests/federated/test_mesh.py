@@ -16,24 +16,25 @@ from tests import tiny
 K, N, STEPS, BMAX = 4, 6, 2, 6
 
 
-def _round(num_devices, fsdp):
+def _round(num_devices, fsdp, ordered=False, k=K):
   graphdef, lora, frozen = tiny.model_and_lora()
   spec = tiny.client_spec("sample", clip=0.1, sigma=1.0, divisor=3, microbatch=2, steps=STEPS)
   if fsdp > 1:
     spec = dataclasses.replace(spec, uniform_axis=round_lib.AXIS)
   mesh = round_lib.make_mesh(num_devices, fsdp)
   server_tx = round_lib.make_server_optimizer("fedavg", 1.0)
-  step = round_lib.make_round_step(graphdef, spec, optax.sgd(0.5), server_tx, mesh)
+  step = round_lib.make_round_step(graphdef, spec, optax.sgd(0.5), server_tx, mesh,
+                                   ordered=ordered)
   rng = np.random.default_rng(0)
-  idx = rng.integers(0, N, (K, STEPS, BMAX)).astype(np.int32)
-  valid = np.zeros((K, STEPS, BMAX), bool)
-  for k in range(K):  # client k samples k + 1 rows: 1, 1, 2, 2 microbatches of 2
-    valid[k, :, :k + 1] = True
+  idx = rng.integers(0, N, (k, STEPS, BMAX)).astype(np.int32)
+  valid = np.zeros((k, STEPS, BMAX), bool)
+  for c in range(k):  # client c samples c % 4 + 1 rows: 1, 1, 2, 2 microbatches of 2
+    valid[c, :, :c % 4 + 1] = True
   placed = jax.device_put(frozen, round_lib.frozen_shardings(mesh, frozen))
-  args = dict(frozen=placed, data=round_lib.shard_clients(mesh, tiny.client_data(K, N)),
+  args = dict(frozen=placed, data=round_lib.shard_clients(mesh, tiny.client_data(k, N)),
               idx=round_lib.shard_clients(mesh, idx), valid=round_lib.shard_clients(mesh, valid),
-              weights=round_lib.shard_clients(mesh, np.ones(K, np.float32)),
-              client_ids=round_lib.shard_clients(mesh, np.arange(K, dtype=np.int32)),
+              weights=round_lib.shard_clients(mesh, np.ones(k, np.float32)),
+              client_ids=round_lib.shard_clients(mesh, np.arange(k, dtype=np.int32)),
               noise_key=jax.random.key(42))
   state = round_lib.replicate(mesh, round_lib.init_state(lora, server_tx))
   out, _ = step(state, **args)
@@ -60,3 +61,25 @@ def test_fsdp_must_divide_the_devices():
     round_lib.make_mesh(8, 3)
   with pytest.raises(ValueError, match="mesh.fsdp"):
     config_lib.MeshConfig(fsdp=0)
+
+
+def test_ordered_aggregation_is_bitwise_independent_of_the_device_count():
+  one, _ = _round(1, 1, ordered=True, k=8)
+  eight, _ = _round(8, 1, ordered=True, k=8)
+  for a, b in zip(one, eight):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_clipped_rows_sum_to_the_clipped_sum():
+  from dplora_jax.dp.mechanisms import ClientDP
+  rng = np.random.default_rng(1)
+  deltas = {"a": rng.normal(size=(5, 3, 2)).astype(np.float32),
+            "b": rng.normal(size=(5, 4)).astype(np.float32)}
+  take = np.array([True, True, False, True, True])
+  dp = ClientDP(sum_noise=1.0, expected_clients=4.0)
+  total, _, norms = dp.clip(deltas, take, 1.5)
+  rows, _, norms2 = dp.clip_rows(deltas, take, 1.5)
+  np.testing.assert_array_equal(norms, norms2)
+  for name in deltas:
+    np.testing.assert_allclose(np.asarray(rows[name]).sum(0), total[name], atol=1e-6)
+    assert not np.asarray(rows[name])[2].any()  # not taking part: exactly zero
