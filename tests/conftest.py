@@ -5,11 +5,6 @@ import os
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
-if os.environ.get("PYTEST_XDIST_WORKER") and "multi_thread_eigen" not in os.environ["XLA_FLAGS"]:
-  # workers share the cores: one matmul thread each (and in the processes they start) instead of
-  # every worker's thread pool fighting for all of them
-  os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
-  os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
