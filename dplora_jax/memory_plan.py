@@ -25,8 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dplora_jax import build as build_lib, lora as lora_lib, tasks
 from dplora_jax.config import RunConfig
-from dplora_jax.data import buckets as buckets_lib
-from dplora_jax.federated import client as client_lib, round as round_lib
+from dplora_jax.federated import round as round_lib
 from dplora_jax.models import (ModelConfig, build_model, configure_execution, from_hf_config,
                                load_tokenizer)
 from dplora_jax.models.loading import resolve_path
@@ -120,16 +119,8 @@ def plan_round(cfg: RunConfig, *, microbatch: int | None = None,
   per = clients_per_device or math.ceil(k / groups)
   slots = per * groups
   mesh = round_lib.make_mesh(n, fsdp)
-  spec = client_lib.ClientSpec.from_plan(
-      plan, cfg, tasks.get(d.task).loss_positions(tok, d),
-      buckets_lib.bucket_lengths(d.max_length, d.length_buckets))
-  if fsdp > 1:
-    spec = dataclasses.replace(spec, uniform_axis=round_lib.AXIS)
-  client_tx = client_lib.make_client_optimizer(cfg.optim.optimizer, cfg.optim.learning_rate,
-                                               cfg.optim.weight_decay)
-  server_tx = round_lib.make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)
-  step = round_lib.make_round_step(graphdef, spec, client_tx, server_tx, mesh, plan.server,
-                                   cfg.mesh.ordered_aggregation)
+  spec, server_tx, step = round_lib.run_round_step(cfg, plan, graphdef,
+                                                  tasks.get(d.task).loss_positions(tok, d), mesh)
 
   rep, by_client = NamedSharding(mesh, P()), round_lib.client_sharding(mesh)
   state = jax.eval_shape(lambda l: round_lib.init_state(l, server_tx, cfg.dp.client_clip_norm),

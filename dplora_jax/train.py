@@ -25,7 +25,7 @@ from dplora_jax import config as config_lib, lora as lora_lib
 from dplora_jax.config import RunConfig
 from dplora_jax.data import buckets as buckets_lib
 from dplora_jax.dp import release
-from dplora_jax.federated import client as client_lib, round as round_lib
+from dplora_jax.federated import round as round_lib
 from dplora_jax.dp.randomness import DPRandomness
 from dplora_jax.host_state import HostState
 from dplora_jax.metrics import Communication, JsonlWriter, TensorBoardWriter
@@ -138,15 +138,8 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   n_groups = mesh.shape[round_lib.AXIS]
   slots = int(math.ceil(k / n_groups) * n_groups)
   plan = s.plan
-  buckets = buckets_lib.bucket_lengths(cfg.data.max_length, cfg.data.length_buckets)
-  spec = client_lib.ClientSpec.from_plan(plan, cfg, s.loss_positions, buckets)
-  if fsdp > 1:  # collectives of the fsdp axis inside the loops: every group runs alike
-    spec = dataclasses.replace(spec, uniform_axis=round_lib.AXIS)
-  client_tx = client_lib.make_client_optimizer(cfg.optim.optimizer, cfg.optim.learning_rate,
-                                               cfg.optim.weight_decay)
-  server_tx = round_lib.make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)
-  round_step = round_lib.make_round_step(s.graphdef, spec, client_tx, server_tx, mesh,
-                                         plan.server, cfg.mesh.ordered_aggregation)
+  spec, server_tx, round_step = round_lib.run_round_step(cfg, plan, s.graphdef, s.loss_positions,
+                                                        mesh)
 
   data = round_lib.shard_clients(mesh, _stack_clients(
       s.clients, slots, distributed.owned_rows(round_lib.client_sharding(mesh), slots)))

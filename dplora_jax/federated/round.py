@@ -7,6 +7,7 @@ client deltas is a `psum`; the server optimizer runs in the same jitted function
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -16,6 +17,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from dplora_jax import distributed
+from dplora_jax.data import buckets as buckets_lib
 from dplora_jax.dp.mechanisms import ClientDP
 from dplora_jax.federated import aggregation, client as client_lib
 
@@ -188,6 +190,26 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
   # program compiles once.
   replicated = NamedSharding(mesh, P())
   return jax.jit(round_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
+def run_round_step(cfg, plan, graphdef, loss_positions: int, mesh):
+  """(client spec, server optimizer, round step) of a run's config on `mesh`: the one place
+  that turns a RunConfig and its privacy plan into the round (the run loop, the memory planner).
+
+  With an fsdp axis the clients' loops are made uniform over "clients" (`ClientSpec.uniform_axis`).
+  """
+  d = cfg.data
+  spec = client_lib.ClientSpec.from_plan(plan, cfg, loss_positions,
+                                         buckets_lib.bucket_lengths(d.max_length,
+                                                                    d.length_buckets))
+  if FSDP in mesh.axis_names:
+    spec = dataclasses.replace(spec, uniform_axis=AXIS)
+  client_tx = client_lib.make_client_optimizer(cfg.optim.optimizer, cfg.optim.learning_rate,
+                                               cfg.optim.weight_decay)
+  server_tx = make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)
+  step = make_round_step(graphdef, spec, client_tx, server_tx, mesh, plan.server,
+                         cfg.mesh.ordered_aggregation)
+  return spec, server_tx, step
 
 
 def server_update(server_tx: optax.GradientTransformation, client_dp: ClientDP | None,
