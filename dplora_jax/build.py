@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import jax
+from flax import nnx
 
 from dplora_jax import lora as lora_lib
 from dplora_jax.config import RunConfig
@@ -24,7 +25,7 @@ from dplora_jax.metrics import tree_bytes
 from dplora_jax.tasks.scoring import ModelParts
 from dplora_jax.models import (ModelConfig, build_model, configure_execution, load_model,
                                load_tokenizer)
-from dplora_jax.models.loading import model_fingerprint
+from dplora_jax.models.loading import fingerprint as files_fingerprint, model_fingerprint, open_weights
 
 # The config seed's children: model init only (DP randomness never comes from the config seed:
 # see `dp.randomness`).
@@ -53,6 +54,9 @@ class Setup:
   factor_bytes: dict  # {"a": bytes of all A, "b": bytes of all B}
   model_path: str = ""
   fingerprint: str = ""  # of the base weights (checkpoints reference it)
+  # with `build(..., abstract_frozen=True)`: the opened checkpoint; `frozen` then holds
+  # ShapeDtypeStructs until `models.sliced.place_frozen` reads it onto the mesh
+  weights: Any = None
 
 
 def random_arch(cfg: RunConfig, tok) -> tuple[ModelConfig, str]:
@@ -79,6 +83,16 @@ def load_base(cfg: RunConfig):
   configure_execution(loaded.model, attention=m.attention, remat=m.remat,
                       remat_policy=m.remat_policy)
   return loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.path
+
+
+def open_base(cfg: RunConfig):
+  """(abstract model, tokenizer, fingerprint, path, WeightSource): the run's base model with its
+  checkpoint opened but no weight read (`models.sliced.place_frozen` reads them onto a mesh)."""
+  m = cfg.model
+  src = open_weights(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
+  model = nnx.eval_shape(lambda: build_model(src.config))
+  configure_execution(model, attention=m.attention, remat=m.remat, remat_policy=m.remat_policy)
+  return model, src.tokenizer(), files_fingerprint(src.files), src.path, src
 
 
 def base_fingerprint(cfg: RunConfig) -> str:
@@ -214,12 +228,15 @@ def attach_lora(model, cfg: RunConfig):
     lora_lib.add_lora(model, lora_cfg, jax.random.fold_in(jax.random.key(cfg.seed), KEY_INIT))
 
 
-def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
+def build(cfg: RunConfig, extra_train: list | None = None,
+          abstract_frozen: bool = False) -> Setup:
   """Loads model and data, partitions clients and fixes the privacy plan (all checks first).
 
   Args:
     extra_train: optional per-client `Examples` appended to each client's data (audit canaries);
       they count towards client sizes (which must stay within data.max_client_size).
+    abstract_frozen: open the checkpoint without reading the frozen weights (a sharded mesh
+      reads them by slices: `Setup.weights`); ignored for a random-init model.
   """
   d = cfg.data
   plan = privacy_plan(cfg)
@@ -230,7 +247,11 @@ def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
   check_client_sizes(cfg, sizes)
   max_batch, rates = sampling_shape(cfg, plan, sizes)
 
-  model, tok, fingerprint, model_path = load_base(cfg)
+  weights = None
+  if abstract_frozen and not cfg.model.random_init:
+    model, tok, fingerprint, model_path, weights = open_base(cfg)
+  else:
+    model, tok, fingerprint, model_path = load_base(cfg)
   arch = model.config
   if d.max_length > arch.max_position_embeddings:
     raise ValueError(f"data.max_length={d.max_length} exceeds the model's "
@@ -256,7 +277,7 @@ def build(cfg: RunConfig, extra_train: list | None = None) -> Setup:
     raise ValueError(f"an example has {longest} answer tokens but the task's loss covers "
                      f"{loss_positions} (the longest label, or data.max_answer_tokens).")
   return Setup(cfg, graphdef, lora, frozen, tok, clients, task, evals, plan, max_batch, rates,
-               loss_positions, full_model_bytes, factor_bytes, model_path, fingerprint)
+               loss_positions, full_model_bytes, factor_bytes, model_path, fingerprint, weights)
 
 
 def evaluate(s: Setup, lora, items: list | None = None) -> dict:

@@ -109,7 +109,7 @@ def privacy_lines(mechs: list[dict]) -> list[str]:
   return lines
 
 
-def _size(n: float) -> str:
+def human_bytes(n: float) -> str:
   for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
     if n >= scale:
       return f"{n / scale:.2f} {unit}"
@@ -155,9 +155,10 @@ def format_summary(s: dict) -> str:
     lines.append(f"    always answering the most frequent class: accuracy "
                  f"{b['majority_accuracy']:.3f}")
   lines += [
-      f"  sent up {_size(s['bytes_up_total'])}{' (expected)' if s['bytes_are_expected'] else ''} "
-      f"(LoRA {_size(s['lora_bytes'])} per client per round; full model "
-      f"{_size(s['full_model_bytes'])}: {ratio:.2%} of sending it)",
+      f"  sent up {human_bytes(s['bytes_up_total'])}"
+      f"{' (expected)' if s['bytes_are_expected'] else ''} "
+      f"(LoRA {human_bytes(s['lora_bytes'])} per client per round; full model "
+      f"{human_bytes(s['full_model_bytes'])}: {ratio:.2%} of sending it)",
       f"  wall time {s['wall_seconds']:.0f} s"
       + (f" (round compiled ahead of time in {s['compile_seconds']:.1f} s)"
          if s.get("compile_seconds") is not None else ""),

@@ -29,6 +29,7 @@ from dplora_jax.federated import round as round_lib
 from dplora_jax.dp.randomness import DPRandomness
 from dplora_jax.host_state import HostState
 from dplora_jax.metrics import Communication, JsonlWriter, TensorBoardWriter
+from dplora_jax.models import sliced as sliced_lib
 
 
 @dataclasses.dataclass
@@ -121,7 +122,9 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   # built (a resumed run reads the same checkpoint everywhere; checked again below)
   randomness = DPRandomness(cfg.dp.reproducible_seed).with_root(distributed.share_root)
   _check_replicated_root(randomness)
-  s = build_lib.build(cfg, extra_train)
+  # frozen weights split over fsdp: read by slices straight onto the mesh (no host holds the model)
+  sliced = cfg.mesh.fsdp > 1 and not cfg.model.random_init
+  s = build_lib.build(cfg, extra_train, abstract_frozen=sliced)
   if meta is not None:
     ckpt_lib.check_resumable(meta, cfg, s.fingerprint,
                              os.path.join(ckpt.directory, str(resume_round)))
@@ -144,7 +147,15 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   data = round_lib.shard_clients(mesh, _stack_clients(
       s.clients, slots, distributed.owned_rows(round_lib.client_sharding(mesh), slots)))
   client_ids = round_lib.shard_clients(mesh, np.arange(slots, dtype=np.int32))
-  frozen = distributed.place(round_lib.frozen_shardings(mesh, s.frozen), s.frozen)
+  if sliced:
+    s.frozen = frozen = sliced_lib.place_frozen(s.weights, s.frozen,
+                                                round_lib.frozen_shardings(mesh, s.frozen))
+    if progress:  # every process: what it read is its own devices' share
+      print(f"[process {jax.process_index()}] frozen weights read by slices: "
+            f"{report.human_bytes(s.weights.bytes_read)} of "
+            f"{report.human_bytes(s.weights.total_bytes())} (float32)", flush=True)
+  else:
+    frozen = distributed.place(round_lib.frozen_shardings(mesh, s.frozen), s.frozen)
   state = round_lib.replicate(mesh, round_lib.init_state(s.lora, server_tx,
                                                          cfg.dp.client_clip_norm))
   sizes = [len(c) for c in s.clients]  # private: feed only the weights of dp.mode none
@@ -177,7 +188,9 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
         "config": cfg_dict, "model": {"path": s.model_path, "fingerprint": s.fingerprint},
         "ledger": ledger.to_dict(), "host": host.to_dict()})
 
-  evaluate = build_lib.evaluate if main else lambda *_: {}
+  # the frozen weights may span processes (sliced): then every process takes part, main reports
+  evaluate = (build_lib.evaluate if main or (sliced and distributed.multi_process())
+              else lambda *_: {})
   before = evaluate(s, s.lora)
   initial = jax.tree.map(np.asarray, s.lora)
   expected = cfg.fed.client_rate * k

@@ -122,3 +122,43 @@ def test_runtime_settings_from_the_environment():
     distributed.settings_from_env(dict(env, **{distributed.ENV_PROCESS_ID: "2"}))
   with pytest.raises(ValueError, match="not an integer"):
     distributed.settings_from_env(dict(env, **{distributed.ENV_NUM_PROCESSES: "two"}))
+
+
+def test_weights_split_across_processes_are_read_by_halves(tmp_path_factory, tmp_path):
+  """fsdp = 4 over 2 processes x 2 devices: each process reads from the checkpoint only the
+  quarters its two devices hold (half the model), evaluation runs on the sharded weights in
+  both processes, and the round equals the one-process run that loads the model whole."""
+  from dplora_jax.models import load_tokenizer
+  from tests import hf_fixtures
+  model_dir = str(tmp_path_factory.mktemp("hf_llama"))
+  hf_fixtures.write_hf(model_dir, vocab_size=49152)
+  load_tokenizer("smollm2-135m-instruct").save_pretrained(model_dir)
+  spec = "configs/tiny.py:clients=4,rounds=1,dp_seed=5"
+  fields = {"model.random_init": "False", "model.path": model_dir, "data.eval_examples": "8"}
+  flags = [f"--config.{k}={v}" for k, v in dict(fields, **{"mesh.fsdp": "4"}).items()]
+  env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"),
+             JAX_DEFAULT_MATMUL_PRECISION="highest")
+  cmd = ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", "2", "-m",
+         "launch.train", "--config", spec, *flags, "--workdir", str(tmp_path / "run")]
+  p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, start_new_session=True)
+  try:
+    out, _ = p.communicate(timeout=300)
+  finally:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+  assert p.returncode == 0, out[-3000:]
+  logs = out + open(tmp_path / "logs" / "process_1.log").read()
+  import re
+  read = re.findall(r"\[process (\d)\] frozen weights read by slices: ([\d.]+) MiB of ([\d.]+) MiB",
+                    logs)
+  assert sorted(r[0] for r in read) == ["0", "1"], logs[-3000:]
+  for _, got, total in read:
+    assert abs(float(got) - float(total) / 2) < 0.02, read  # norms are whole: a few KiB more
+  summary = json.load(open(tmp_path / "run" / "summary.json"))
+  one = train.run(config_files.load_with_overrides(spec, fields), str(tmp_path / "one"),
+                  progress=False)
+  for a, b in zip(_lora(tmp_path / "run"), [np.asarray(x) for x in jax.tree.leaves(one.lora)]):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+  assert summary["eval"]["after"]["accuracy"] == one.summary["eval"]["after"]["accuracy"]

@@ -69,6 +69,8 @@ class ClientSpec:
       the step holds collectives of another axis (fsdp-sharded weights): devices running
       different trip counts or branches would wait for each other forever. Results are the same
       (extra microbatches hold only padding; a longer bucket holds every real token).
+    example_axis: a mesh axis ("fsdp") the per-example vmap spreads a microbatch's examples over
+      (`jax.vmap(spmd_axis_name=...)`), or "" (no constraint). Layout only: the same values.
   """
   microbatch: int
   local_steps: int
@@ -79,6 +81,7 @@ class ClientSpec:
   length_buckets: tuple[int, ...] = ()
   client_loop: str = "map"
   uniform_axis: str = ""
+  example_axis: str = ""
 
   def __post_init__(self):
     if self.dpsgd is not None and self.paper is not None:
@@ -126,7 +129,8 @@ def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
   """
   loss_fn = functools.partial(example_loss, positions=spec.loss_positions)
   grad_fn = jax.vmap(jax.value_and_grad(loss_fn, argnums=1),
-                     in_axes=(None, None, None, 0, 0, 0, 0))
+                     in_axes=(None, None, None, 0, 0, 0, 0),
+                     spmd_axis_name=spec.example_axis or None)
 
   def grads_at(length, b):
     # right padding: cutting the columns after `length` removes only padding (causal attention,

@@ -131,6 +131,12 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
   exactly zero.
   """
   local = functools.partial(client_lib.local_train, graphdef, spec, client_tx)
+  # one client group (e.g. every device in fsdp): no collective over "clients" (XLA rejects a
+  # size-1 manual axis's all-reduce next to auto-partitioned fsdp collectives; it is the identity)
+  one_group = mesh.shape[AXIS] == 1
+  psum = (lambda x: x) if one_group else functools.partial(jax.lax.psum, axis_name=AXIS)
+  gather = ((lambda x: x) if one_group
+            else functools.partial(jax.lax.all_gather, axis_name=AXIS, tiled=True))
 
   def per_device(lora, frozen, data, idx, valid, weights, client_ids, round_key, client_clip,
                  buckets):
@@ -150,13 +156,12 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
         rows = aggregation.weighted_rows(deltas, weights)
       else:
         rows, sums["shifted_count"], _ = client_dp.clip_rows(deltas, take, client_clip)
-      rows = jax.lax.all_gather(rows, AXIS, tiled=True)
-      return aggregation.ordered_sum(rows), jax.lax.psum(sums, AXIS)
+      return aggregation.ordered_sum(gather(rows)), psum(sums)
     if client_dp is None:
       summed = aggregation.weighted_sum(deltas, weights)
     else:
       summed, sums["shifted_count"], _ = client_dp.clip(deltas, take, client_clip)
-    return jax.lax.psum((summed, sums), AXIS)
+    return psum((summed, sums))
 
   # manual over "clients" only: an fsdp axis stays with XLA (the frozen weights' collectives)
   manual = {AXIS} if FSDP in mesh.axis_names else set(mesh.axis_names)
@@ -196,14 +201,16 @@ def run_round_step(cfg, plan, graphdef, loss_positions: int, mesh):
   """(client spec, server optimizer, round step) of a run's config on `mesh`: the one place
   that turns a RunConfig and its privacy plan into the round (the run loop, the memory planner).
 
-  With an fsdp axis the clients' loops are made uniform over "clients" (`ClientSpec.uniform_axis`).
+  With an fsdp axis the clients' loops are made uniform over "clients" (`ClientSpec.uniform_axis`)
+  and each microbatch's examples are spread over "fsdp" (`ClientSpec.example_axis`).
   """
   d = cfg.data
   spec = client_lib.ClientSpec.from_plan(plan, cfg, loss_positions,
                                          buckets_lib.bucket_lengths(d.max_length,
                                                                     d.length_buckets))
   if FSDP in mesh.axis_names:
-    spec = dataclasses.replace(spec, uniform_axis=AXIS)
+    spec = dataclasses.replace(spec, uniform_axis=AXIS if mesh.shape[AXIS] > 1 else "",
+                               example_axis=FSDP)
   client_tx = client_lib.make_client_optimizer(cfg.optim.optimizer, cfg.optim.learning_rate,
                                                cfg.optim.weight_decay)
   server_tx = make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)

@@ -120,11 +120,58 @@ def load_model(path_or_alias: str, *, dtype: str = "float32", param_dtype: str =
     FileNotFoundError: the path or a file it needs is missing.
     ValueError: unsupported architecture, or missing / mis-shaped tensors (names the tensor).
   """
+  src = open_weights(path_or_alias, dtype=dtype, param_dtype=param_dtype)
+  model = _fill(lambda: build_model(src.config), src.config, src.read, src.names, src.path)
+  tok = src.tokenizer() if with_tokenizer else None
+  return LoadedModel(model, src.config, tok, src.path, fingerprint(src.files))
+
+
+@dataclasses.dataclass
+class WeightSource:
+  """A checkpoint's tensors, read whole or by slices, without loading the model.
+
+  `read(name, index)` returns float32 in the Hugging Face layout (a Linear weight is
+  [out, in]; llama.cpp's q/k row permutation already undone), `index` a tuple of slices over that
+  layout: only those elements are read from the file (safetensors `get_slice`; GGUF rows of the
+  memory-mapped data: a quantised row is dequantised whole, so a column slice reads its rows).
+  `bytes_read` counts what the reads returned (tests check that a slice reads only its share).
+  """
+  config: ModelConfig
+  path: str
+  files: list[str]
+  names: set[str]  # the Hugging Face tensor names present
+  shapes: dict[str, tuple]  # name -> shape in the Hugging Face layout
+  reader: Callable[[str, tuple | None], np.ndarray]
+  tokenizer: Callable[[], Any]
+  bytes_read: int = 0
+
+  def total_bytes(self) -> int:
+    """float32 bytes of every tensor (what reading them all whole would return)."""
+    return int(sum(np.prod(s) for s in self.shapes.values()) * 4)
+
+  def read(self, name: str, index: tuple | None = None) -> np.ndarray:
+    a = self.reader(name, None if index is None else _full_slices(index, self.shapes[name]))
+    self.bytes_read += a.nbytes
+    return a
+
+
+def _full_slices(index: tuple, shape: tuple) -> tuple:
+  """`index` (slices, possibly open or shorter than `shape`) as explicit start:stop slices."""
+  index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+  return tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
+
+
+def open_weights(path_or_alias: str, *, dtype: str = "float32",
+                 param_dtype: str = "float32") -> WeightSource:
+  """The tensors of a HF directory, a GGUF file or an alias, opened for (sliced) reading.
+
+  Raises: as `load_model`.
+  """
   path = resolve_path(path_or_alias)
   if os.path.isdir(path):
-    return _load_hf_dir(path, dtype, param_dtype, with_tokenizer)
+    return _open_hf_dir(path, dtype, param_dtype)
   if path.endswith(".gguf"):
-    return _load_gguf(path, dtype, param_dtype, with_tokenizer)
+    return _open_gguf(path, dtype, param_dtype)
   raise ValueError(f"{path}: expected a model directory (config.json) or a .gguf file.")
 
 
@@ -239,7 +286,7 @@ def _fill(model_fn: Callable[[], nnx.Module], cfg: ModelConfig, get: Callable[[s
 # Hugging Face directories.
 
 
-def _load_hf_dir(path, dtype, param_dtype, with_tokenizer) -> LoadedModel:
+def _open_hf_dir(path, dtype, param_dtype) -> WeightSource:
   from safetensors import safe_open
 
   cfg_file = os.path.join(path, "config.json")
@@ -252,32 +299,33 @@ def _load_hf_dir(path, dtype, param_dtype, with_tokenizer) -> LoadedModel:
     raise ValueError(f"{cfg_file}: cannot be read as JSON ({e}).") from e
   cfg = from_hf_config(hf_cfg, cfg_file).replace(dtype=dtype, param_dtype=param_dtype)
 
-  files = [os.path.basename(f) for f in weight_files(path)]
+  files = weight_files(path)
   handles, where = {}, {}
-  for fname in files:
-    full = os.path.join(path, fname)
+  for full in files:
     try:
       h = safe_open(full, framework="flax")
     except Exception as e:  # safetensors raises its own error types for corrupt headers
       raise ValueError(f"{full}: not a readable safetensors file ({e}).") from e
-    handles[fname] = h
+    handles[full] = h
     for k in h.keys():
-      where[k] = fname
+      where[k] = full
   prefix = "transformer." if any(k.startswith("transformer.") for k in where) else ""
 
-  def get(name):
+  def reader(name, index):
     full_name = prefix + name
+    h = handles[where[full_name]]
     try:
-      return np.asarray(handles[where[full_name]].get_tensor(full_name).astype(jnp.float32))
+      a = h.get_tensor(full_name) if index is None else h.get_slice(full_name)[index]
+      return np.asarray(a.astype(jnp.float32))
     except Exception as e:
-      raise ValueError(f"{os.path.join(path, where[full_name])}: tensor {full_name!r} cannot be "
-                       f"read ({e}); the file may be truncated.") from e
+      raise ValueError(f"{where[full_name]}: tensor {full_name!r} cannot be read ({e}); the "
+                       "file may be truncated.") from e
 
   names = {k[len(prefix):] for k in where if k.startswith(prefix)}
-  model = _fill(lambda: build_model(cfg), cfg, get, names, path)
-  tok = tokenizer_lib.tokenizer_from_dir(path) if with_tokenizer else None
-  return LoadedModel(model, cfg, tok, path,
-                     fingerprint([os.path.join(path, f) for f in files]))
+  shapes = {n: tuple(handles[where[prefix + n]].get_slice(prefix + n).get_shape())
+            for n in names}
+  return WeightSource(cfg, path, files, names, shapes, reader,
+                      lambda: tokenizer_lib.tokenizer_from_dir(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +362,7 @@ def read_gguf_fields(reader) -> dict:
   return out
 
 
-def _load_gguf(path, dtype, param_dtype, with_tokenizer) -> LoadedModel:
+def _open_gguf(path, dtype, param_dtype) -> WeightSource:
   import gguf
 
   try:
@@ -352,22 +400,34 @@ def _load_gguf(path, dtype, param_dtype, with_tokenizer) -> LoadedModel:
   for i in range(cfg.num_layers):
     for hf, gg in _GGUF_LAYER.items():
       hf_to_gguf[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
+  names = {hf for hf, gg in hf_to_gguf.items() if gg in tensors}
+  shapes = {n: tuple(int(s) for s in reversed(tensors[hf_to_gguf[n]].shape)) for n in names}
 
-  def get(name):
+  def row_order(name, n_rows):
+    """HF row r is GGUF row order[r] (llama.cpp permutes q and k rows for its RoPE)."""
+    rows = np.arange(n_rows)
+    if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+      return _unpermute(rows, heads)
+    if arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+      return _unpermute(rows, kv)
+    return rows
+
+  def reader(name, index):
     t = tensors[hf_to_gguf[name]]
-    try:
-      w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    shape = shapes[name]
+    index = index or tuple(slice(0, n) for n in shape)
+    rows = row_order(name, shape[0])[index[0]]
+    try:  # only the selected rows of the memory-mapped data are touched
+      if len(shape) == 1:  # vectors (norms, biases): small, read whole
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)[rows]
+      else:
+        w = gguf.quants.dequantize(t.data[rows], t.tensor_type)
+      w = w.astype(np.float32)
     except Exception as e:
       raise ValueError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}) cannot be "
                        f"dequantised ({e}).") from e
-    w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
-    if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-      w = _unpermute(w, heads)
-    elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-      w = _unpermute(w, kv)
-    return w
+    w = w.reshape((len(rows),) + shape[1:])
+    return np.ascontiguousarray(w[(slice(None),) + tuple(index[1:])])
 
-  names = {hf for hf, gg in hf_to_gguf.items() if gg in tensors}
-  model = _fill(lambda: build_model(cfg), cfg, get, names, path)
-  tok = tokenizer_lib.tokenizer_from_gguf_fields(fields, path) if with_tokenizer else None
-  return LoadedModel(model, cfg, tok, path, fingerprint([path]))
+  return WeightSource(cfg, path, [path], names, shapes, reader,
+                      lambda: tokenizer_lib.tokenizer_from_gguf_fields(fields, path))

@@ -20,7 +20,8 @@ def _round(num_devices, fsdp, ordered=False, k=K):
   graphdef, lora, frozen = tiny.model_and_lora()
   spec = tiny.client_spec("sample", clip=0.1, sigma=1.0, divisor=3, microbatch=2, steps=STEPS)
   if fsdp > 1:
-    spec = dataclasses.replace(spec, uniform_axis=round_lib.AXIS)
+    # as `round.run_round_step` does on a 2-D mesh: uniform loops, examples spread over fsdp
+    spec = dataclasses.replace(spec, uniform_axis=round_lib.AXIS, example_axis=round_lib.FSDP)
   mesh = round_lib.make_mesh(num_devices, fsdp)
   server_tx = round_lib.make_server_optimizer("fedavg", 1.0)
   step = round_lib.make_round_step(graphdef, spec, optax.sgd(0.5), server_tx, mesh,

@@ -82,3 +82,22 @@ def test_logits_and_generation_match_transformers(ours, reference):
                    pad_id=ours.tokenizer.pad_token_id)
   assert gen == want_gen[:len(gen)]
   assert "Paris" in ours.tokenizer.decode(gen)
+
+
+def test_gguf_slices_read_only_their_rows_and_equal_the_full_load(ours):
+  """What a sharded mesh reads (`models.sliced`): slices of the quantised GGUF tensors, q and k
+  with llama.cpp's row permutation undone, equal the same elements of the whole-file load."""
+  from dplora_jax.models.loading import open_weights
+  src = open_weights("smollm2-135m-instruct")
+  layers = ours.model.layers
+  for name, ours_t in (("model.layers.3.self_attn.q_proj.weight", layers.attn.q.kernel[3]),
+                       ("model.layers.3.self_attn.k_proj.weight", layers.attn.k.kernel[3]),
+                       ("model.layers.0.mlp.down_proj.weight", layers.mlp.down.kernel[0]),
+                       ("model.embed_tokens.weight", ours.model.embed.embedding)):
+    whole = np.asarray(ours_t[...])
+    whole = whole if name.startswith("model.embed") else whole.T  # HF layout: [out, in]
+    rows, cols = whole.shape
+    index = (slice(rows // 4, rows // 2), slice(cols // 3, cols))
+    before = src.bytes_read
+    np.testing.assert_array_equal(src.read(name, index), whole[index])
+    assert src.bytes_read - before == 4 * (rows // 2 - rows // 4) * (cols - cols // 3)

@@ -1,0 +1,93 @@
+"""Frozen weights read by slices onto a (clients, fsdp) mesh (`models.sliced`): the values of the
+whole-file load, each distinct shard read once and no read larger than a shard, and a training
+run on the sharded mesh equal to the one-axis run that loads the model whole."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from dplora_jax import config as config_lib, lora as lora_lib, train
+from dplora_jax.federated import round as round_lib
+from dplora_jax.models import load_tokenizer, loading, sliced
+from tests import hf_fixtures
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("hf_llama")
+  # SmolLM2's vocabulary so that the task's prompts tokenize; tiny everywhere else
+  hf_fixtures.write_hf(str(d), vocab_size=49152)
+  load_tokenizer("smollm2-135m-instruct").save_pretrained(str(d))
+  return str(d)
+
+
+class _Recorder:
+  """Wraps a WeightSource's reader to record the size of every read."""
+
+  def __init__(self, src):
+    self.sizes = {}
+    inner = src.reader
+
+    def reader(name, index):
+      a = inner(name, index)
+      self.sizes.setdefault(name, []).append(a.size)
+      return a
+
+    src.reader = reader
+
+
+def test_placed_slices_equal_the_whole_load_and_each_device_reads_only_its_share(model_dir):
+  whole = lora_lib.split(loading.load_model(model_dir).model)[2]
+  src = loading.open_weights(model_dir)
+  rec = _Recorder(src)
+  abstract = lora_lib.split(nnx.eval_shape(lambda: loading.build_model(src.config)))[2]
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
+  mesh = round_lib.make_mesh(8, 2)  # clients 4 x fsdp 2
+  shardings = round_lib.frozen_shardings(mesh, abstract)
+  placed = sliced.place_frozen(src, abstract, shardings)
+  for a, b, s in zip(jax.tree.leaves(placed), jax.tree.leaves(whole), jax.tree.leaves(shardings)):
+    assert a.sharding == s
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  total = sum(x.nbytes for x in jax.tree.leaves(whole))
+  # every distinct shard once (the 4 client groups replicate it: read once, not 4 times)
+  assert src.bytes_read == total
+  split_weights = [n for n in src.names if len(src.shapes[n]) == 2]
+  assert split_weights
+  for n in split_weights:  # no 2-D weight is ever read whole: two halves, one per fsdp device
+    assert rec.sizes[n] == [np.prod(src.shapes[n]) // 2] * 2, n
+
+
+def test_missing_tensor_is_named(model_dir, tmp_path):
+  src = loading.open_weights(model_dir)
+  src.names.discard("model.layers.1.mlp.up_proj.weight")
+  abstract = lora_lib.split(nnx.eval_shape(lambda: loading.build_model(src.config)))[2]
+  mesh = round_lib.make_mesh(4, 2)
+  with pytest.raises(ValueError, match="'model.layers.1.mlp.up_proj.weight' is missing"):
+    sliced.place_frozen(src, abstract, round_lib.frozen_shardings(mesh, abstract))
+
+
+def test_a_run_on_the_fsdp_mesh_reads_by_slices_and_equals_the_one_axis_run(model_dir, tmp_path):
+  results = {}
+  for fsdp in (1, 2):
+    c = tiny.get_config("clients=4,rounds=1,dp_seed=3")
+    with c.unlocked():
+      c.model.random_init = False
+      c.model.path = model_dir
+      c.mesh.fsdp = fsdp
+      c.data.eval_examples = 16
+    res = train.run(config_lib.from_config_dict(c), str(tmp_path / f"fsdp{fsdp}"), progress=False)
+    results[fsdp] = res
+  one, two = results[1], results[2]
+  assert two.summary["devices"] == 8 and one.summary["epsilon"] == two.summary["epsilon"]
+  for a, b in zip(jax.tree.leaves(one.lora), jax.tree.leaves(two.lora)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+  # evaluation ran on the sharded weights and scores the same
+  for when in ("before", "after"):
+    first, second = one.summary["eval"][when], two.summary["eval"][when]
+    assert first and set(first) == set(second)
+    for k, v in first.items():
+      assert second[k] == pytest.approx(v, abs=1e-5), (when, k)
