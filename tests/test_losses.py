@@ -2,6 +2,7 @@
 gradients and evaluation scores as the full computation."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -47,16 +48,18 @@ def test_model_logits_at_positions_equal_the_full_logits_there(family):
 def test_sparse_loss_and_gradients_equal_the_full_computation(answer_tokens):
   graphdef, lora, frozen = tiny.model_and_lora()
   ex = _answers(tiny.examples(4), answer_tokens)
-  fields = ("tokens", "mask", "targets", "loss_mask")
-  for i in range(4):
-    args = [ex[f][i] for f in fields]
-    full, g_full = jax.value_and_grad(client_lib.example_loss, argnums=1)(
-        graphdef, lora, frozen, *args)
-    sparse, g_sparse = jax.value_and_grad(
-        lambda l: client_lib.example_loss(graphdef, l, frozen, *args, positions=3))(lora)
-    assert float(sparse) == pytest.approx(float(full), abs=1e-6)
-    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_sparse)):
-      np.testing.assert_allclose(a, b, atol=1e-5)
+  args = [ex[f] for f in ("tokens", "mask", "targets", "loss_mask")]
+
+  def per_example(positions):  # one example's loss and LoRA gradient, for each of the 4
+    loss = functools.partial(client_lib.example_loss, positions=positions)
+    return jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=1),
+                            in_axes=(None, None, None, 0, 0, 0, 0)), static_argnums=0)
+
+  full, g_full = per_example(0)(graphdef, lora, frozen, *args)
+  sparse, g_sparse = per_example(3)(graphdef, lora, frozen, *args)
+  np.testing.assert_allclose(sparse, full, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_sparse)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_sparse_eval_scores_equal_the_full_computation():

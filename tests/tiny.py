@@ -1,5 +1,7 @@
 """A tiny random Llama with LoRA and synthetic client data, for fast mechanism tests."""
 
+import functools
+
 import jax
 import numpy as np
 
@@ -79,3 +81,27 @@ def round_setup(num_clients=8, n=6, steps=1, bmax=4, mechanism="sample", sigma=1
 
 def leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+FIELDS = ("tokens", "mask", "targets", "loss_mask")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def example_grad(graphdef, lora, frozen, tokens, mask, targets, loss_mask):
+  """The LoRA gradient of one example's loss (compiled once: reference loops stay fast)."""
+  from dplora_jax.federated import client as client_lib
+  return jax.grad(client_lib.example_loss, argnums=1)(graphdef, lora, frozen, tokens, mask,
+                                                      targets, loss_mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def mean_grad(graphdef, lora, frozen, batch):
+  """The LoRA gradient of the batch-mean loss over the rows of `batch` (dict of [n, T])."""
+  from dplora_jax.federated import client as client_lib
+
+  def loss(l):
+    per = jax.vmap(client_lib.example_loss, in_axes=(None, None, None, 0, 0, 0, 0))(
+        graphdef, l, frozen, *(batch[f] for f in FIELDS))
+    return per.mean()
+
+  return jax.grad(loss)(lora)

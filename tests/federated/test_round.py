@@ -7,7 +7,7 @@ import optax
 import pytest
 from scipy import stats
 
-from dplora_jax.federated import client as client_lib, round as round_lib
+from dplora_jax.federated import round as round_lib
 from tests import tiny
 
 
@@ -91,12 +91,7 @@ def test_hand_computed_two_client_non_private_round():
   for k, w in enumerate([2.0, 6.0]):
     rows = idx[k, 0][valid[k, 0]]
 
-    def mean_loss(l):
-      return jnp.mean(jnp.stack([client_lib.example_loss(
-          graphdef, l, frozen, *(data[f][k, r] for f in ("tokens", "mask", "targets", "loss_mask")))
-          for r in rows]))
-
-    g = jax.grad(mean_loss)(lora)
+    g = tiny.mean_grad(graphdef, lora, frozen, {f: data[f][k, rows] for f in tiny.FIELDS})
     want_delta = jax.tree.map(lambda d, gi: d + (w / 8.0) * (-0.3 * gi), want_delta, g)
   for a, l, d in zip(_leaves(out.lora), _leaves(lora), _leaves(want_delta)):
     np.testing.assert_allclose(a, l + d, atol=1e-6)
@@ -112,14 +107,9 @@ def test_one_client_equals_centralized_sgd():
   params = lora
   for s in range(steps):
     rows = idx[s][valid[s]]
-    batch = {k: v[rows] for k, v in data.items()}
-
-    def loss(l):
-      per = jax.vmap(client_lib.example_loss, in_axes=(None, None, None, 0, 0, 0, 0))(
-          graphdef, l, frozen, batch["tokens"], batch["mask"], batch["targets"], batch["loss_mask"])
-      return jnp.mean(per)
-
-    params = jax.tree.map(lambda p, g: p - 0.2 * g, params, jax.grad(loss)(params))
+    batch = {k: data[k][rows] for k in tiny.FIELDS}
+    params = jax.tree.map(lambda p, g: p - 0.2 * g, params,
+                          tiny.mean_grad(graphdef, params, frozen, batch))
   for a, b in zip(_leaves(out.lora), _leaves(params)):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
