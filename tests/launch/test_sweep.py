@@ -12,7 +12,7 @@ import pytest
 from dplora_jax import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG = "configs/tiny.py:rounds=3,examples=160"
+CONFIG = "configs/tiny.py:rounds=2,examples=160"
 
 
 def _sweep(root, *extra, timeout=300):

@@ -1,14 +1,14 @@
 """Frozen weights read by slices onto a (clients, fsdp) mesh (`models.sliced`): the values of the
-whole-file load, each distinct shard read once and no read larger than a shard, and a training
-run on the sharded mesh equal to the one-axis run that loads the model whole."""
+whole-file load, each distinct shard read once and no read larger than a shard. (A training run
+that reads its weights by slices across two processes, evaluates on them and equals the
+one-process run that loads the model whole: tests/test_multiprocess.py.)"""
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from configs import tiny
-from dplora_jax import config as config_lib, lora as lora_lib, train
+from dplora_jax import lora as lora_lib
 from dplora_jax.federated import round as round_lib
 from dplora_jax.models import load_tokenizer, loading, sliced
 from tests import hf_fixtures
@@ -68,26 +68,3 @@ def test_missing_tensor_is_named(model_dir, tmp_path):
   mesh = round_lib.make_mesh(4, 2)
   with pytest.raises(ValueError, match="'model.layers.1.mlp.up_proj.weight' is missing"):
     sliced.place_frozen(src, abstract, round_lib.frozen_shardings(mesh, abstract))
-
-
-def test_a_run_on_the_fsdp_mesh_reads_by_slices_and_equals_the_one_axis_run(model_dir, tmp_path):
-  results = {}
-  for fsdp in (1, 2):
-    c = tiny.get_config("clients=4,rounds=1,dp_seed=3")
-    with c.unlocked():
-      c.model.random_init = False
-      c.model.path = model_dir
-      c.mesh.fsdp = fsdp
-      c.data.eval_examples = 16
-    res = train.run(config_lib.from_config_dict(c), str(tmp_path / f"fsdp{fsdp}"), progress=False)
-    results[fsdp] = res
-  one, two = results[1], results[2]
-  assert two.summary["devices"] == 8 and one.summary["epsilon"] == two.summary["epsilon"]
-  for a, b in zip(jax.tree.leaves(one.lora), jax.tree.leaves(two.lora)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
-  # evaluation ran on the sharded weights and scores the same
-  for when in ("before", "after"):
-    first, second = one.summary["eval"][when], two.summary["eval"][when]
-    assert first and set(first) == set(second)
-    for k, v in first.items():
-      assert second[k] == pytest.approx(v, abs=1e-5), (when, k)
