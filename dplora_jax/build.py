@@ -23,9 +23,8 @@ from dplora_jax.dp.ledger import Ledger
 from dplora_jax.federated import partition as partition_lib
 from dplora_jax.metrics import tree_bytes
 from dplora_jax.tasks.scoring import ModelParts
-from dplora_jax.models import (ModelConfig, build_model, configure_execution, load_model,
-                               load_tokenizer)
-from dplora_jax.models.loading import fingerprint as files_fingerprint, model_fingerprint, open_weights
+from dplora_jax.models import ModelConfig, build_model, configure_execution, load_tokenizer
+from dplora_jax.models.loading import fill, model_fingerprint, open_weights
 
 # The config seed's children: model init only (DP randomness never comes from the config seed:
 # see `dp.randomness`).
@@ -72,27 +71,24 @@ def random_arch(cfg: RunConfig, tok) -> tuple[ModelConfig, str]:
 
 def load_base(cfg: RunConfig):
   """(model, tokenizer, fingerprint, path) of the run's base model (no LoRA)."""
+  return open_base(cfg)[:4]
+
+
+def open_base(cfg: RunConfig, abstract: bool = False):
+  """(model, tokenizer, fingerprint, path, WeightSource or None) of the run's base model (no
+  LoRA). `abstract`: a checkpoint's weights are not read (the model holds ShapeDtypeStructs;
+  `models.sliced.place_frozen` reads them onto a mesh); a random-init model is always built."""
   m = cfg.model
   if m.random_init:
     tok = load_tokenizer(m.tokenizer or m.path)
     arch, ident = random_arch(cfg, tok)
     model = configure_execution(build_model(arch, seed=cfg.seed), attention=m.attention,
                                 remat=m.remat, remat_policy=m.remat_policy)
-    return model, tok, ident, "<random init>"
-  loaded = load_model(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
-  configure_execution(loaded.model, attention=m.attention, remat=m.remat,
-                      remat_policy=m.remat_policy)
-  return loaded.model, loaded.tokenizer, loaded.fingerprint, loaded.path
-
-
-def open_base(cfg: RunConfig):
-  """(abstract model, tokenizer, fingerprint, path, WeightSource): the run's base model with its
-  checkpoint opened but no weight read (`models.sliced.place_frozen` reads them onto a mesh)."""
-  m = cfg.model
+    return model, tok, ident, "<random init>", None
   src = open_weights(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
-  model = nnx.eval_shape(lambda: build_model(src.config))
+  model = nnx.eval_shape(lambda: build_model(src.config)) if abstract else fill(src)
   configure_execution(model, attention=m.attention, remat=m.remat, remat_policy=m.remat_policy)
-  return model, src.tokenizer(), files_fingerprint(src.files), src.path, src
+  return model, src.tokenizer(), src.fingerprint(), src.path, src
 
 
 def base_fingerprint(cfg: RunConfig) -> str:
@@ -247,11 +243,8 @@ def build(cfg: RunConfig, extra_train: list | None = None,
   check_client_sizes(cfg, sizes)
   max_batch, rates = sampling_shape(cfg, plan, sizes)
 
-  weights = None
-  if abstract_frozen and not cfg.model.random_init:
-    model, tok, fingerprint, model_path, weights = open_base(cfg)
-  else:
-    model, tok, fingerprint, model_path = load_base(cfg)
+  model, tok, fingerprint, model_path, weights = open_base(cfg, abstract=abstract_frozen)
+  weights = weights if abstract_frozen else None  # only a model still to be read needs it
   arch = model.config
   if d.max_length > arch.max_position_embeddings:
     raise ValueError(f"data.max_length={d.max_length} exceeds the model's "

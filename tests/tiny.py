@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from dplora_jax import lora as lora_lib
+from dplora_jax.federated import client as client_lib
 from dplora_jax.models import ModelConfig, build_model
 
 ARCH = ModelConfig(family="llama", vocab_size=64, hidden_size=16, num_layers=2, num_heads=2,
@@ -89,7 +90,6 @@ FIELDS = ("tokens", "mask", "targets", "loss_mask")
 @functools.partial(jax.jit, static_argnums=0)
 def example_grad(graphdef, lora, frozen, tokens, mask, targets, loss_mask):
   """The LoRA gradient of one example's loss (compiled once: reference loops stay fast)."""
-  from dplora_jax.federated import client as client_lib
   return jax.grad(client_lib.example_loss, argnums=1)(graphdef, lora, frozen, tokens, mask,
                                                       targets, loss_mask)
 
@@ -97,7 +97,6 @@ def example_grad(graphdef, lora, frozen, tokens, mask, targets, loss_mask):
 @functools.partial(jax.jit, static_argnums=0)
 def mean_grad(graphdef, lora, frozen, batch):
   """The LoRA gradient of the batch-mean loss over the rows of `batch` (dict of [n, T])."""
-  from dplora_jax.federated import client as client_lib
 
   def loss(l):
     per = jax.vmap(client_lib.example_loss, in_axes=(None, None, None, 0, 0, 0, 0))(

@@ -121,9 +121,8 @@ def load_model(path_or_alias: str, *, dtype: str = "float32", param_dtype: str =
     ValueError: unsupported architecture, or missing / mis-shaped tensors (names the tensor).
   """
   src = open_weights(path_or_alias, dtype=dtype, param_dtype=param_dtype)
-  model = _fill(lambda: build_model(src.config), src.config, src.read, src.names, src.path)
   tok = src.tokenizer() if with_tokenizer else None
-  return LoadedModel(model, src.config, tok, src.path, fingerprint(src.files))
+  return LoadedModel(fill(src), src.config, tok, src.path, src.fingerprint())
 
 
 @dataclasses.dataclass
@@ -144,6 +143,32 @@ class WeightSource:
   reader: Callable[[str, tuple | None], np.ndarray]
   tokenizer: Callable[[], Any]
   bytes_read: int = 0
+
+  def fingerprint(self) -> str:
+    return fingerprint(self.files)
+
+  def tensor_names(self, key: tuple, template: str, transpose: bool,
+                   expected: tuple) -> list[str]:
+    """The source tensors of our parameter `key` (the layers' names for a stacked one), checked
+    present and of the `expected` parameter shape (ours: [layers,] in, out).
+
+    Raises:
+      ValueError: a tensor is missing or mis-shaped (names it, the file and the parameter).
+    """
+    cfg = self.config
+    stacked = "{i}" in template
+    names = [template.format(i=i) for i in range(expected[0])] if stacked else [template]
+    want = tuple(expected[1:] if stacked else expected)
+    want = tuple(reversed(want)) if transpose else want  # in the Hugging Face layout
+    for name in names:
+      if name not in self.names:
+        raise ValueError(f"{self.path}: tensor {name!r} is missing (needed for "
+                         f"{'.'.join(map(str, key))}, {cfg.family} with {cfg.num_layers} "
+                         "layers).")
+      if self.shapes[name] != want:
+        raise ValueError(f"{self.path}: tensor {name!r} has shape {self.shapes[name]}; expected "
+                         f"{want} for the config.")
+    return names
 
   def total_bytes(self) -> int:
     """float32 bytes of every tensor (what reading them all whole would return)."""
@@ -248,10 +273,14 @@ def _weight_map(cfg: ModelConfig, lm_head: bool) -> dict[tuple, tuple[str, bool]
   return m
 
 
-def _fill(model_fn: Callable[[], nnx.Module], cfg: ModelConfig, get: Callable[[str], np.ndarray],
-          names: set[str], source: str) -> nnx.Module:
-  """Builds the model abstractly and fills every parameter from `get(name)`."""
-  abstract = nnx.eval_shape(model_fn)
+def fill(src: WeightSource) -> nnx.Module:
+  """The model of `src.config` with every parameter read whole from `src`.
+
+  Raises:
+    ValueError: a tensor is missing or mis-shaped (`WeightSource.tensor_names`).
+  """
+  cfg = src.config
+  abstract = nnx.eval_shape(lambda: build_model(cfg))
   graphdef, state = nnx.split(abstract)
   flat = traverse_util.flatten_dict(state.to_pure_dict())
   wmap = _weight_map(cfg, lm_head=getattr(abstract, "lm_head", None) is not None)
@@ -260,24 +289,9 @@ def _fill(model_fn: Callable[[], nnx.Module], cfg: ModelConfig, get: Callable[[s
     raise RuntimeError(f"internal: no source tensor for {missing}")
   dtype = cfg.jnp_param_dtype
   for key, (template, transpose) in wmap.items():
-    expected = tuple(flat[key].shape)
-    stacked = "{i}" in template
-    srcs = [template.format(i=i) for i in range(cfg.num_layers)] if stacked else [template]
-    arrays = []
-    for name in srcs:
-      if name not in names:
-        raise ValueError(f"{source}: tensor {name!r} is missing (needed for "
-                         f"{'.'.join(map(str, key))}, {cfg.family} with {cfg.num_layers} layers).")
-      a = np.asarray(get(name))
-      if transpose:
-        a = a.T
-      want = expected[1:] if stacked else expected
-      if tuple(a.shape) != want:
-        shown = tuple(reversed(a.shape)) if transpose else tuple(a.shape)
-        raise ValueError(f"{source}: tensor {name!r} has shape {shown}; expected "
-                         f"{tuple(reversed(want)) if transpose else want} for the config.")
-      arrays.append(a)
-    flat[key] = jnp.asarray(np.stack(arrays) if stacked else arrays[0], dtype)
+    names = src.tensor_names(key, template, transpose, tuple(flat[key].shape))
+    arrays = [src.read(n).T if transpose else src.read(n) for n in names]
+    flat[key] = jnp.asarray(np.stack(arrays) if "{i}" in template else arrays[0], dtype)
   nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
   return nnx.merge(graphdef, state)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from dplora_jax import distributed
 from dplora_jax.models import loading
 
 
@@ -33,28 +34,17 @@ def place_frozen(source: loading.WeightSource, frozen, shardings):
   Raises:
     ValueError: a tensor the model needs is missing or mis-shaped (names it and the file).
   """
-  cfg = source.config
-  wmap = loading._weight_map(cfg, lm_head=True)  # noqa: SLF001 (one mapping for both loaders)
+  wmap = loading._weight_map(source.config, lm_head=True)  # noqa: SLF001 (both loaders' map)
 
   def one(path, leaf, sharding):
     if not isinstance(leaf, jax.ShapeDtypeStruct):  # drawn by the run, not read from the files
-      host = np.asarray(leaf)
-      return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+      return distributed.place(sharding, leaf)
     key = _key(path)
     if key not in wmap:
       raise RuntimeError(f"internal: no source tensor for {key}")
     template, transpose = wmap[key]
     stacked = "{i}" in template
-    want = tuple(leaf.shape[1:] if stacked else leaf.shape)
-    names = [template.format(i=i) for i in range(leaf.shape[0])] if stacked else [template]
-    for name in names:
-      if name not in source.names:
-        raise ValueError(f"{source.path}: tensor {name!r} is missing (needed for "
-                         f"{'.'.join(key)}, {cfg.family} with {cfg.num_layers} layers).")
-      have = source.shapes[name]
-      if (tuple(reversed(have)) if transpose else have) != want:
-        raise ValueError(f"{source.path}: tensor {name!r} has shape {have}; expected "
-                         f"{tuple(reversed(want)) if transpose else want} for the config.")
+    names = source.tensor_names(key, template, transpose, tuple(leaf.shape))
     dtype = np.dtype(leaf.dtype)
 
     def read(name, index):
