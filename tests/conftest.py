@@ -1,17 +1,34 @@
-"""Test set-up: 8 fake CPU devices before JAX starts, float32 matmuls at full precision."""
+"""Test set-up: 8 fake CPU devices before JAX starts, float32 matmuls at full precision, and one
+XLA compilation cache for the whole run (workers and the processes tests start share it)."""
 
 import os
+import shutil
+import tempfile
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The first process of a run (pytest itself, or the xdist controller) makes the cache directory;
+# xdist workers and every process a test starts inherit it through the environment, so a program
+# (a tiny round, a SmolLM2 step) compiles once per run instead of once per process. Executables
+# are keyed by their HLO, compile options and devices: a hit runs the same code as a compile.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dplora_xla_")
+  # a size limit turns on JAX's file lock, so a process never reads an entry another is writing
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
