@@ -151,9 +151,13 @@ class InstitutionClient:
 
   def use_compilation_cache(self):
     """Keeps compiled programs in the state directory (process-wide: for a ClientApp, which runs
-    in a fresh process per message, so only its first round compiles)."""
-    cache = os.path.join(self.state.dir, "jax_cache")
-    workdir_lib.make_private_dir(cache)
+    in a fresh process per message, so only its first round compiles). A cache the operator set
+    in the environment (JAX_COMPILATION_CACHE_DIR) is used instead. Compiled programs depend on
+    the public configuration's shapes only, never on the data."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not cache:
+      cache = os.path.join(self.state.dir, "jax_cache")
+      workdir_lib.make_private_dir(cache)
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
