@@ -18,6 +18,12 @@ module adds to JAX's runtime is what a DP run needs to stay one run:
   devices hold; `jax.device_put` of a host array to a cross-process sharding all-gathers it).
 - `owned_rows`: the rows of a leading-axis-sharded array this process holds, so each process
   builds only its own clients' arrays.
+- CPU runs: XLA:CPU sizes a process's intra-op thread pool max(PJRT_NPROC or its cores, its
+  devices), and the pool size decides how some reductions are split into tasks, so the same
+  program on the same inputs can differ by an ulp between a process with 8 devices and one with 4.
+  `initialize` gives every CPU process the pool a one-process run of all the devices would have
+  (PJRT_NPROC = max(cores, devices of the run)), so with `mesh.ordered_aggregation` results are
+  bitwise independent of the process layout.
 
 Single-process runs never touch the runtime: every function here is the identity there.
 """
@@ -36,6 +42,7 @@ ENV_COORDINATOR = "DPLORA_COORDINATOR"
 ENV_NUM_PROCESSES = "DPLORA_NUM_PROCESSES"
 ENV_PROCESS_ID = "DPLORA_PROCESS_ID"
 ENV_LOCAL_DEVICES = "DPLORA_LOCAL_DEVICES"
+ENV_PJRT_NPROC = "PJRT_NPROC"  # XLA:CPU's intra-op thread pool size (before the local devices)
 # Fault injection for the tests only: each process keeps its own root (the bug `share_root`
 # prevents), so that the check is seen to fire. Never set it in a real run.
 ENV_UNSAFE_UNSHARED = "DPLORA_UNSAFE_UNSHARED_RANDOMNESS"
@@ -83,14 +90,25 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     coordinator, num_processes, process_id: as `jax.distributed.initialize` (process 0 serves
       the coordinator at HOST:PORT).
     local_devices: CPU devices of this process (`jax_num_cpu_devices`; CPU runs and tests only).
+      Also sets PJRT_NPROC (unless set) to `cpu_pool_size` of the run's devices, the same in
+      every process (see the module docstring).
     auto: let JAX detect the cluster (TPU pod, SLURM, Open MPI) instead.
   """
   if local_devices:
     jax.config.update("jax_num_cpu_devices", int(local_devices))
+    os.environ.setdefault(ENV_PJRT_NPROC, str(cpu_pool_size(int(local_devices) *
+                                                            int(num_processes or 1))))
   if auto:
     jax.distributed.initialize()
   else:
     jax.distributed.initialize(coordinator, int(num_processes), int(process_id))
+
+
+def cpu_pool_size(run_devices: int) -> int:
+  """The intra-op thread pool of a one-process CPU run of `run_devices` devices on this host:
+  max(schedulable cores, devices) (XLA's PjRt CPU client)."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(int(cores or 1), int(run_devices))
 
 
 def initialize_from_env(environ=None) -> bool:

@@ -1,15 +1,16 @@
 """One run over 2 processes x 4 CPU devices (real processes on 127.0.0.1, JAX's multi-controller
-runtime over gloo, started by launch/local_multiprocess.sh) equals 1 process x 8 devices up to
-float summation order: one round from the same state differs by <= ~3e-8. Not bitwise, even with
-`mesh.ordered_aggregation` (which is bitwise between device counts within one process,
-tests/federated/test_mesh.py): XLA:CPU's per-client matmuls differ by an ulp between a 4-device
-and an 8-device process (measured 3e-8 to 9e-8 after two rounds with it).
+runtime over gloo, started by launch/local_multiprocess.sh) equals 1 process x 8 devices bitwise
+with `mesh.ordered_aggregation`: every client's update is summed in client order, and every
+process gets the intra-op thread pool of a one-process run (`distributed.cpu_pool_size`; XLA:CPU
+splits some reductions by the pool's size: with its default, a 4-device process and an 8-device
+one differed by an ulp in the clients' own updates). Without the ordered sum the psum's order
+differs (tests/federated/test_mesh.py, and the fsdp run below: <= 1e-6).
 
 The 2-process run draws its DP randomness from OS entropy (the default). Replayed in this process
 (8 fake devices) with that run's root, read from its checkpoint, the one-process run gives the
 same rounds: had process 1 sampled or noised its clients from its own root (the silent divergence
 `distributed.share_root` prevents), it would not. A 2-process checkpoint resumes in one process
-with the same continuation; a forced root mismatch is caught by the cross-process check
+with bitwise the same continuation; a forced root mismatch is caught by the cross-process check
 and stops the run with one line."""
 
 import json
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = "configs/tiny.py:clients=8,rounds=2,ckpt_every=1"
+ORDERED = {"mesh.ordered_aggregation": "True"}
 
 
 def _launch(workdir, log_dir, extra_env=None, timeout=300):
@@ -37,7 +39,8 @@ def _launch(workdir, log_dir, extra_env=None, timeout=300):
   env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(log_dir),
              JAX_DEFAULT_MATMUL_PRECISION="highest", **(extra_env or {}))
   cmd = ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", "4", "-m",
-         "launch.train", "--config", SPEC, "--workdir", str(workdir), "--quiet"]
+         "launch.train", "--config", SPEC, "--config.mesh.ordered_aggregation=True",
+         "--workdir", str(workdir), "--quiet"]
   p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        text=True, start_new_session=True)
   try:
@@ -76,14 +79,12 @@ def test_two_processes_equal_one_and_share_one_secret_root(two_processes):
   meta = ckpt.read_meta(2)
   ckpt.close()
   seed = int(meta["host"]["randomness"]["root"], 16)
-  cfg = config_files.load_with_overrides(SPEC, {"dp.reproducible_seed": str(seed)})
+  cfg = config_files.load_with_overrides(SPEC, dict(ORDERED, **{"dp.reproducible_seed": str(seed)}))
   one = train.run(cfg, str(root / "one"), progress=False)
   assert one.summary["devices"] == 8 and one.summary["processes"] == 1
   assert one.summary["epsilon"] == summary["epsilon"]
   for a, b in zip(_lora(wd), [np.asarray(x) for x in jax.tree.leaves(one.lora)]):
-    # float summation order only: ~3e-8 per round (see the module docstring), grown by the
-    # second round's training at lr 2
-    np.testing.assert_allclose(a, b, atol=2e-7, rtol=0)
+    np.testing.assert_array_equal(a, b)  # two rounds, bitwise
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(two_processes):
@@ -92,11 +93,11 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_processes):
   shutil.copytree(root / "run", wd)
   shutil.rmtree(wd / "checkpoints" / "2")
   os.remove(wd / "summary.json")
-  cfg = config_files.load_with_overrides(SPEC, {})
+  cfg = config_files.load_with_overrides(SPEC, ORDERED)
   res = train.run(cfg, str(wd), progress=False)
   assert res.summary["resumed_from_round"] == 1 and res.summary["processes"] == 1
   for a, b in zip(_lora(root / "run"), [np.asarray(x) for x in jax.tree.leaves(res.lora)]):
-    np.testing.assert_allclose(a, b, atol=1e-7, rtol=0)  # one round from the same state
+    np.testing.assert_array_equal(a, b)  # the second round, resumed in one process: bitwise
 
 
 def test_a_forced_root_mismatch_is_caught(tmp_path):
