@@ -61,6 +61,21 @@ def test_placed_slices_equal_the_whole_load_and_each_device_reads_only_its_share
     assert rec.sizes[n] == [np.prod(src.shapes[n]) // 2] * 2, n
 
 
+def test_a_bfloat16_base_is_placed_in_bfloat16_equal_to_the_whole_load(model_dir):
+  kw = dict(dtype="bfloat16", param_dtype="bfloat16")
+  whole = lora_lib.split(loading.load_model(model_dir, **kw).model)[2]
+  src = loading.open_weights(model_dir, **kw)
+  abstract = lora_lib.split(nnx.eval_shape(lambda: loading.build_model(src.config)))[2]
+  mesh = round_lib.make_mesh(8, 2)
+  placed = sliced.place_frozen(src, abstract, round_lib.frozen_shardings(mesh, abstract))
+  kernels = 0
+  for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(whole)):
+    assert a.dtype == b.dtype
+    kernels += a.dtype == jax.numpy.bfloat16
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert kernels >= 7  # the projections and the embedding are stored in bfloat16
+
+
 def test_missing_tensor_is_named(model_dir, tmp_path):
   src = loading.open_weights(model_dir)
   src.names.discard("model.layers.1.mlp.up_proj.weight")
