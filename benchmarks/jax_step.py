@@ -23,37 +23,46 @@ from benchmarks import flops as flops_lib, workloads
 from dplora_jax import lora as lora_lib, models
 
 
-def main():
-  p = argparse.ArgumentParser()
+def add_step_args(p):
+  """The flags that choose the step (shared with `benchmarks.profile_step`)."""
   workloads.add_shape_args(p)
   p.add_argument("--microbatch", type=int, default=8)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--remat", action="store_true")
   p.add_argument("--remat-policy", default="nothing", choices=("nothing", "dots"))
   p.add_argument("--attention", default="einsum")
-  args = p.parse_args()
 
+
+def build_step(args):
+  """(the jitted step, its arguments, the loaded model) of `add_step_args`' flags."""
   loaded = models.load_model(args.model, dtype=args.dtype, with_tokenizer=False)
   model = models.configure_execution(loaded.model, attention=args.attention, remat=args.remat,
                                      remat_policy=args.remat_policy)
   lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=args.rank), jax.random.key(0))
   graphdef, lora, frozen = lora_lib.split(model)
-  b, t = args.batch, args.seq
-  batch = workloads.batch(args.workload, loaded.config.vocab_size, b, t)
+  batch = workloads.batch(args.workload, loaded.config.vocab_size, args.batch, args.seq)
   positions = 1 if args.workload == "demo" else 0  # the sparse head where the loss allows it
-  nonprivate, private, _ = workloads.jax_steps(graphdef, b, args.microbatch, positions)
-  fn = jax.jit(private if args.dp else nonprivate)
-  key = jax.random.key(1)
+  nonprivate, private, _ = workloads.jax_steps(graphdef, args.batch, args.microbatch, positions)
+  return (jax.jit(private if args.dp else nonprivate), (lora, frozen, batch, jax.random.key(1)),
+          loaded)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  add_step_args(p)
+  args = p.parse_args()
+  fn, inputs, loaded = build_step(args)
+  b, t = args.batch, args.seq
   t0 = time.perf_counter()
-  compiled = fn.lower(lora, frozen, batch, key).compile()
+  compiled = fn.lower(*inputs).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  jax.block_until_ready(compiled(lora, frozen, batch, key))
+  jax.block_until_ready(compiled(*inputs))
   times = []
   for _ in range(args.repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(lora, frozen, batch, key))
+    jax.block_until_ready(compiled(*inputs))
     times.append(time.perf_counter() - t0)
   useful = flops_lib.step_flops(loaded.config, b, t, workloads.head_positions(args.workload, t),
                                 args.rank)

@@ -2,6 +2,7 @@
 
   python -m benchmarks.profile_step --workload demo [--dp] [--batch 8] [--seq 128] [--rank 8]
       [--microbatch 8] [--remat] [--attention einsum|dot_product] [--top 15] [--json FILE]
+      (the step flags of benchmarks.jax_step)
 
 XLA:CPU records one trace event per executed thunk, named by its HLO instruction; the script
 takes each event's self time (nested events subtracted, per thread), looks the instruction up in
@@ -26,8 +27,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks import workloads
-from dplora_jax import lora as lora_lib, models
+from benchmarks import jax_step
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? (\S+?)\((.*)$")
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
@@ -180,25 +180,14 @@ def report(times: collections.Counter, calls: collections.Counter, hlo: dict, re
 
 def main():
   p = argparse.ArgumentParser()
-  workloads.add_shape_args(p)
-  p.add_argument("--microbatch", type=int, default=8)
-  p.add_argument("--remat", action="store_true")
-  p.add_argument("--attention", default="einsum")
+  jax_step.add_step_args(p)
   p.add_argument("--top", type=int, default=15)
   p.add_argument("--json", default=None)
   args = p.parse_args()
-
-  loaded = models.load_model(args.model, dtype="float32", with_tokenizer=False)
-  model = models.configure_execution(loaded.model, attention=args.attention, remat=args.remat)
-  lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=args.rank), jax.random.key(0))
-  graphdef, lora, frozen = lora_lib.split(model)
-  batch = workloads.batch(args.workload, loaded.config.vocab_size, args.batch, args.seq)
-  positions = 1 if args.workload == "demo" else 0
-  nonprivate, private, _ = workloads.jax_steps(graphdef, args.batch, args.microbatch, positions)
-  compiled = jax.jit(private if args.dp else nonprivate).lower(
-      lora, frozen, batch, jax.random.key(1)).compile()
+  fn, inputs, _ = jax_step.build_step(args)
+  compiled = fn.lower(*inputs).compile()
   hlo = parse_hlo(compiled.as_text())
-  times, calls, wall = profile(compiled, (lora, frozen, batch, jax.random.key(1)), args.repeats)
+  times, calls, wall = profile(compiled, inputs, args.repeats)
   print(f"step wall time (traced): {wall:.3f} s")
   out = report(times, calls, hlo, args.repeats, args.top)
   out.update(wall_seconds=wall, workload=args.workload, dp=args.dp)
