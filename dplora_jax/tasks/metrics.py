@@ -15,7 +15,9 @@ def confusion(pred: np.ndarray, labels: np.ndarray, num_labels: int) -> np.ndarr
 
 def classification_metrics(pred: np.ndarray, labels: np.ndarray, num_labels: int) -> dict:
   """Accuracy; macro, micro and weighted F1 (scikit-learn's definitions: a class with no true
-  and no predicted example has F1 0); the majority-class accuracy of these labels."""
+  and no predicted example has F1 0); the majority-class accuracy of these labels, and their
+  label-prior NLL (the entropy of their label frequencies, in nats: the held-out NLL of a model
+  that knows only how often each label occurs here, so an NLL below it is learned from the text)."""
   m = confusion(pred, labels, num_labels)
   tp = np.diag(m).astype(float)
   fp, fn = m.sum(0) - tp, m.sum(1) - tp
@@ -29,7 +31,13 @@ def classification_metrics(pred: np.ndarray, labels: np.ndarray, num_labels: int
           "f1_micro": float(2 * tp.sum() / micro_denom) if micro_denom else 0.0,
           "f1_weighted": float((f1 * support).sum() / max(support.sum(), 1.0)),
           "majority_accuracy": float(support.max() / n) if n else 0.0,
+          "prior_nll": _entropy(support),
           "n": n}
+
+
+def _entropy(counts: np.ndarray) -> float:
+  p = counts[counts > 0] / max(counts.sum(), 1.0)
+  return float(-(p * np.log(p)).sum())
 
 
 def choice_metrics(scores: np.ndarray, lengths: np.ndarray, gold: np.ndarray) -> dict:

@@ -57,6 +57,9 @@ def test_f1_variants_on_a_confusion_matrix_worked_by_hand():
   assert m["f1_weighted"] == pytest.approx((3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
   assert m["f1_micro"] == pytest.approx(4 / 6)  # single-label: micro F1 is the accuracy
   assert m["majority_accuracy"] == pytest.approx(3 / 6)
+  # label frequencies 1/2, 1/3, 1/6
+  assert m["prior_nll"] == pytest.approx(-(np.log(1 / 2) / 2 + np.log(1 / 3) / 3
+                                           + np.log(1 / 6) / 6))
   # a class never true nor predicted has F1 0 (scikit-learn's zero_division=0)
   assert metrics.classification_metrics(np.array([0, 1]), np.array([0, 1]), 3)["f1_macro"] == \
       pytest.approx(2 / 3)
