@@ -31,6 +31,8 @@ def add_step_args(p):
   p.add_argument("--remat", action="store_true")
   p.add_argument("--remat-policy", default="nothing", choices=("nothing", "dots"))
   p.add_argument("--attention", default="einsum")
+  p.add_argument("--first-layer", type=int, default=0,
+                 help="train LoRA on layers >= this one only (lora.first_layer)")
 
 
 def build_step(args):
@@ -38,7 +40,8 @@ def build_step(args):
   loaded = models.load_model(args.model, dtype=args.dtype, with_tokenizer=False)
   model = models.configure_execution(loaded.model, attention=args.attention, remat=args.remat,
                                      remat_policy=args.remat_policy)
-  lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=args.rank), jax.random.key(0))
+  lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=args.rank, first_layer=args.first_layer),
+                    jax.random.key(0))
   graphdef, lora, frozen = lora_lib.split(model)
   batch = workloads.batch(args.workload, loaded.config.vocab_size, args.batch, args.seq)
   positions = 1 if args.workload == "demo" else 0  # the sparse head where the loss allows it

@@ -48,6 +48,10 @@ class ModelSource:
   # with remat, what a layer keeps: nothing, or dots (its matmul outputs; on CPU faster than no
   # remat at all: the elementwise ops are cheaper to recompute than to store and reload)
   remat_policy: str = "nothing"
+  # with lora.first_layer > 0: compute each client's activations entering that layer once per run
+  # and reuse them every step (exact; costs n_k x T x hidden floats of memory per client; not with
+  # mesh.fsdp > 1, where the frozen weights are sliced over devices)
+  cache_prefix: bool = True
 
   def __post_init__(self):
     for f in ("dtype", "param_dtype"):
@@ -353,7 +357,7 @@ RESUME_MAY_CHANGE = ("log_every", "checkpoint_every", "checkpoint_keep", "data.e
                      "data.eval_file", "data.eval_batch_size", "data.max_new_tokens", "eval_every",
                      # execution only: how the same mechanism is computed
                      "model.attention", "model.remat", "model.remat_policy",
-                     "data.length_buckets", "fed.client_loop", "mesh.fsdp",
+                     "model.cache_prefix", "data.length_buckets", "fed.client_loop", "mesh.fsdp",
                      "mesh.ordered_aggregation")
 RENAMED = {"dp.noise_seed": "dp.reproducible_seed"}
 _SECTIONS = {"model": ModelSource, "lora": LoRAConfig, "data": DataConfig, "dp": DPConfig,

@@ -47,6 +47,11 @@ class LoRAConfig:
       match). Its privacy ledger is composed into the new run's guarantee unless
       `init_from_public` declares it trained without this run's private data.
     init_from_public: the starting adapter is public (stated in the report).
+    first_layer: train the factors of layers >= first_layer only (0 = every layer). The layers
+      below keep their initial factors (B = 0: the base model's layer), run under stop_gradient
+      (the backward pass ends at first_layer: less compute) and their noised coordinates are
+      zeroed before any update (`zero_below`, post-processing), so the noise lands on fewer
+      trained coordinates. The factor tree keeps its full [L, ...] shape (zeros travel below).
   """
   rank: int = 8
   alpha: float = 16.0
@@ -56,6 +61,7 @@ class LoRAConfig:
   freeze_a: bool = False
   init_from: str = ""  # a PEFT adapter directory to start from ("" = random init)
   init_from_public: bool = False  # True: the adapter is declared public (its ledger not composed)
+  first_layer: int = 0  # train layers >= first_layer only (0 = all)
 
   def __post_init__(self):
     if int(self.rank) <= 0:
@@ -64,6 +70,8 @@ class LoRAConfig:
       raise ValueError(f"lora.init={self.init!r}; expected one of {INITS}.")
     if not float(self.alpha) > 0:
       raise ValueError(f"lora.alpha={self.alpha}; expected > 0.")
+    if int(self.first_layer) < 0:
+      raise ValueError(f"lora.first_layer={self.first_layer}; expected an integer >= 0.")
 
   @property
   def scaling(self) -> float:
@@ -111,6 +119,11 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> nnx.Module:
     ValueError: unknown target, or rank larger than a targeted layer's dimensions.
   """
   mods = target_modules(model, cfg.targets)
+  num_layers = model.config.num_layers
+  if cfg.first_layer >= num_layers:
+    raise ValueError(f"lora.first_layer={cfg.first_layer}; the model has {num_layers} layers "
+                     f"(expected 0 .. {num_layers - 1}).")
+  model.lora_first_layer = int(cfg.first_layer)
   for i, (name, dense) in enumerate(mods.items()):
     stack = dense.kernel.shape[:-2]
     d_in, d_out = dense.in_features, dense.out_features
@@ -147,11 +160,42 @@ def merge(graphdef, lora: PyTree, frozen: PyTree) -> nnx.Module:
 
 
 def apply(graphdef, lora: PyTree, frozen: PyTree, tokens: jax.Array,
-          mask: jax.Array | None = None, logits_at: jax.Array | None = None) -> jax.Array:
+          mask: jax.Array | None = None, logits_at: jax.Array | None = None,
+          hidden: jax.Array | None = None) -> jax.Array:
   """Pure forward: logits [B, T, V] float32 of tokens [B, T] with the given LoRA, or only at
   the positions `logits_at` [B, P] int32 ([B, P, V]: the head and any softmax after it then
-  cost P / T of the full computation)."""
-  return nnx.merge(graphdef, lora, frozen)(tokens, mask, logits_at=logits_at)
+  cost P / T of the full computation). With `hidden` [B, T, D] (`frozen_prefix` of the same
+  tokens) the layers below `first_layer` are not run again: the same logits."""
+  return nnx.merge(graphdef, lora, frozen)(tokens, mask, logits_at=logits_at, hidden=hidden)
+
+
+def frozen_prefix(graphdef, lora: PyTree, frozen: PyTree, tokens: jax.Array,
+                  mask: jax.Array) -> jax.Array:
+  """The activations [B, T, D] entering layer `first_layer` (> 0). Nothing below that layer
+  trains, so they are fixed for the whole run: a client computes them once and reuses them every
+  step (`apply(..., hidden=)`). They are a function of its private examples: kept in its memory
+  only, never released or written."""
+  return nnx.merge(graphdef, lora, frozen)(tokens, mask, prefix_only=True)
+
+
+def zero_below(tree: PyTree, first_layer: int) -> PyTree:
+  """`tree` (LoRA-shaped, every leaf [L, ...]) with the layers below `first_layer` set to zero.
+
+  Applied to a privatised gradient or update it is post-processing: the guarantee of the release
+  is unchanged, and the untrained layers stay at their initial factors.
+  """
+  if not first_layer:
+    return tree
+  def one(x):
+    keep = jnp.arange(x.shape[0]) >= first_layer
+    return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+  return jax.tree.map(one, tree)
+
+
+def trained_params(lora: PyTree, first_layer: int) -> int:
+  """Coordinates that train: those of layers >= first_layer (every leaf is [L, ...])."""
+  return int(sum(np.prod(x.shape[1:]) * (x.shape[0] - first_layer)
+                 for x in jax.tree.leaves(lora)))
 
 
 def count_params(lora: PyTree) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -62,6 +63,36 @@ def _stack_clients(clients, num_slots: int, rows=None):
     if i < len(clients):
       for k in out:
         out[k][i, :len(clients[i])] = getattr(clients[i], k)
+  return out
+
+
+def _prefix_cache(s, stacked: dict, rows, chunk: int = 32) -> np.ndarray:
+  """[slots, n_max, T, D]: each client's activations entering layer `lora.first_layer`
+  (`lora.frozen_prefix`), computed once: nothing below that layer trains. Only the rows this
+  process owns are filled (a client's cache is computed where its data lives). Rows are taken
+  shortest first, `chunk` at a time, at the shortest multiple of 8 that holds the chunk's
+  longest row (right padding and causal attention: the values at real positions are those of
+  the full row; positions after a row's end stay zero and are never read by a real one)."""
+  fn = jax.jit(functools.partial(lora_lib.frozen_prefix, s.graphdef))
+  tokens, mask = stacked["tokens"], stacked["mask"]
+  slots, n, t = tokens.shape
+  shape = jax.eval_shape(fn, s.lora, s.frozen, np.zeros((chunk, t), tokens.dtype),
+                         np.zeros((chunk, t), mask.dtype))
+  out = np.zeros((slots, n, t, shape.shape[-1]), shape.dtype)
+  widths = buckets_lib.bucket_lengths(t, max(1, t // 8))
+  for i in (range(slots) if rows is None else rows):
+    if i >= len(s.clients):
+      continue
+    lengths = mask[i, :len(s.clients[i])].sum(1)
+    order = np.argsort(lengths, kind="stable")
+    for j in range(0, len(order), chunk):
+      sel = order[j:j + chunk]
+      width = next(w for w in widths if w >= max(int(lengths[sel].max()), 1))
+      tok, m = tokens[i, sel, :width], mask[i, sel, :width]
+      if len(sel) < chunk:  # one shape per width, one compile
+        tok = np.concatenate([tok, np.zeros((chunk - len(sel), width), tok.dtype)])
+        m = np.concatenate([m, np.zeros((chunk - len(sel), width), m.dtype)])
+      out[i, sel, :width] = np.asarray(fn(s.lora, s.frozen, tok, m))[:len(sel)]
   return out
 
 
@@ -144,8 +175,17 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   spec, server_tx, round_step = round_lib.run_round_step(cfg, plan, s.graphdef, s.loss_positions,
                                                         mesh)
 
-  data = round_lib.shard_clients(mesh, _stack_clients(
-      s.clients, slots, distributed.owned_rows(round_lib.client_sharding(mesh), slots)))
+  owned = distributed.owned_rows(round_lib.client_sharding(mesh), slots)
+  stacked = _stack_clients(s.clients, slots, owned)
+  if cfg.lora.first_layer and cfg.model.cache_prefix and not sliced:
+    t0 = time.time()
+    stacked["hidden"] = _prefix_cache(s, stacked, owned)
+    if progress and main:
+      print(f"frozen layers 0-{cfg.lora.first_layer - 1}: each client's activations computed "
+            f"once ({report.human_bytes(stacked['hidden'].nbytes)}, {time.time() - t0:.0f} s)",
+            flush=True)
+  data = round_lib.shard_clients(mesh, stacked)
+  del stacked
   client_ids = round_lib.shard_clients(mesh, np.arange(slots, dtype=np.int32))
   if sliced:
     s.frozen = frozen = sliced_lib.place_frozen(s.weights, s.frozen,
@@ -196,7 +236,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   expected = cfg.fed.client_rate * k
   # the public noise norm sigma C sqrt(d) / B (only the private_diagnostics ratio uses it)
   noise_norm = (plan.dpsgd.noise_multiplier * plan.dpsgd.clip_norm
-                * math.sqrt(lora_lib.count_params(s.lora)) / plan.dpsgd.divisor
+                * math.sqrt(lora_lib.trained_params(s.lora, cfg.lora.first_layer)) / plan.dpsgd.divisor
                 if plan.dpsgd is not None else None)
   lengths = [c.mask.sum(1) for c in s.clients]  # private: only to pick compute buckets
   n_micro = s.max_batch // cfg.optim.microbatch_size
@@ -283,7 +323,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
            and last_eval is not None else evaluate(s, lora))
   summary = report.summary(
       cfg, plan, ledger, comm, devices=n_dev, max_batch=s.max_batch,
-      lora_params=lora_lib.count_params(lora), before=before, after=after,
+      lora_params=lora_lib.trained_params(lora, cfg.lora.first_layer), before=before, after=after,
       first_round_seconds=first_round_s, compile_seconds=compile_s, wall_seconds=time.time() - t_start,
       randomness_source=host.randomness.source, a_frozen=a_frozen,
       diagnostics=({"overflows": host.sampler.overflows} if cfg.private_diagnostics else None))

@@ -14,9 +14,10 @@ ARCH = ModelConfig(family="llama", vocab_size=64, hidden_size=16, num_layers=2, 
 T = 12
 
 
-def model_and_lora(rank=2, seed=0, perturb=True, freeze_a=False):
+def model_and_lora(rank=2, seed=0, perturb=True, freeze_a=False, first_layer=0):
   model = build_model(ARCH, seed=seed)
-  lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=rank, freeze_a=freeze_a), jax.random.key(seed))
+  lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=rank, freeze_a=freeze_a,
+                                               first_layer=first_layer), jax.random.key(seed))
   graphdef, lora, frozen = lora_lib.split(model)
   if perturb:  # nonzero B so every factor gets a gradient
     leaves, tree = jax.tree.flatten(lora)
@@ -56,13 +57,16 @@ def client_spec(mechanism="sample", *, clip=0.1, sigma=1.0, divisor=3, microbatc
 
 def round_setup(num_clients=8, n=6, steps=1, bmax=4, mechanism="sample", sigma=1.0, clip=0.1,
                 lr=0.5, devices=1, weights=None, client_dp=None, client_clip=0.0, freeze_a=False,
-                paper_noise_std=0.0, seed=0, diagnostics=False):
+                paper_noise_std=0.0, seed=0, diagnostics=False, first_layer=0):
   """A compiled round on the tiny model with random samples: (step, state, args, extras)."""
   import optax
   from dplora_jax.federated import round as round_lib
-  graphdef, lora, frozen = model_and_lora(freeze_a=freeze_a)
-  spec = client_spec(mechanism, clip=clip, sigma=sigma, divisor=3, microbatch=2, steps=steps,
-                     paper_noise_std=paper_noise_std, diagnostics=diagnostics)
+  import dataclasses
+  graphdef, lora, frozen = model_and_lora(freeze_a=freeze_a, first_layer=first_layer)
+  spec = dataclasses.replace(
+      client_spec(mechanism, clip=clip, sigma=sigma, divisor=3, microbatch=2, steps=steps,
+                  paper_noise_std=paper_noise_std, diagnostics=diagnostics),
+      first_layer=first_layer)
   mesh = round_lib.make_mesh(devices)
   server_tx = round_lib.make_server_optimizer("fedavg", 1.0)
   step = round_lib.make_round_step(graphdef, spec, optax.sgd(lr), server_tx, mesh, client_dp)

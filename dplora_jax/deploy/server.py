@@ -205,7 +205,7 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
                             f"(refusals: {clients.refused or 'none'}).")
   log(f"{len(clients.node_of)} of {k} clients joined: {sorted(clients.node_of)}")
 
-  step = jax.jit(_server_step(server_tx, plan.server), donate_argnums=(0,))
+  step = jax.jit(_server_step(server_tx, plan.server, cfg.lora.first_layer), donate_argnums=(0,))
   like = jax.tree.map(np.asarray, lora)
   zeros = jax.tree.map(lambda x: np.zeros((k,) + x.shape, np.float32), like)
   exhausted: set[int] = set()
@@ -301,7 +301,7 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
   after = evaluate(state.lora)
   summary = report.summary(
       cfg, plan, ledger, comm, devices=0, max_batch=plan.max_batch,
-      lora_params=lora_lib.count_params(state.lora), before=before, after=after,
+      lora_params=lora_lib.trained_params(state.lora, cfg.lora.first_layer), before=before, after=after,
       first_round_seconds=first_round_s, wall_seconds=time.time() - t_start,
       randomness_source=randomness.source, a_frozen=a_frozen)
   summary["deployment"] = {
@@ -325,7 +325,7 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
   return ServeResult(summary, state)
 
 
-def _server_step(server_tx, client_dp):
+def _server_step(server_tx, client_dp, first_layer: int = 0):
   """(state, rows [K, ...], take [K], weight, server key) -> (new state, public): the sum of the
   updates received (under client-level DP each (re)clipped to S first, `ClientDP.clip`), then
   `round.server_update`, the simulation's server half. Adaptive S is not deployable, so there is
@@ -335,5 +335,6 @@ def _server_step(server_tx, client_dp):
       summed = aggregation.weighted_sum(rows, take.astype(jnp.float32))
     else:
       summed, _, _ = client_dp.clip(rows, take, state.client_clip)
-    return round_lib.server_update(server_tx, client_dp, state, summed, weight, None, server_key)
+    return round_lib.server_update(server_tx, client_dp, state, summed, weight, None, server_key,
+                                   first_layer)
   return step

@@ -25,21 +25,25 @@ PyTree = Any
 
 
 def example_loss(graphdef, lora: PyTree, frozen: PyTree, tokens: jax.Array, mask: jax.Array,
-                 targets: jax.Array, loss_mask: jax.Array, *, positions: int = 0) -> jax.Array:
+                 targets: jax.Array, loss_mask: jax.Array, hidden: jax.Array | None = None, *,
+                 positions: int = 0) -> jax.Array:
   """Causal-LM loss of one example, averaged over its response (label) tokens.
 
   Args:
     tokens, mask, targets, loss_mask: [T] arrays of one example.
+    hidden: [T, D] its cached frozen-prefix activations (`lora.frozen_prefix`), or None.
     positions: P > 0 computes the head and the softmax only at the first P loss positions (every
       example must have at most P answer tokens); 0 computes them at all T positions.
   """
+  h = None if hidden is None else hidden[None]
   if positions:
     pos, valid = losses.answer_positions(loss_mask, positions)
-    logits = lora_lib.apply(graphdef, lora, frozen, tokens[None], mask[None], pos[None])[0]
+    logits = lora_lib.apply(graphdef, lora, frozen, tokens[None], mask[None], pos[None],
+                            hidden=h)[0]
     nll = -losses.token_logprob(logits, targets[pos])
     w = valid.astype(jnp.float32)
   else:
-    logits = lora_lib.apply(graphdef, lora, frozen, tokens[None], mask[None])[0]
+    logits = lora_lib.apply(graphdef, lora, frozen, tokens[None], mask[None], hidden=h)[0]
     nll = -losses.token_logprob(logits, targets)
     w = loss_mask.astype(jnp.float32)
   return jnp.sum(jnp.where(w > 0, nll, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
@@ -71,6 +75,8 @@ class ClientSpec:
       (extra microbatches hold only padding; a longer bucket holds every real token).
     example_axis: a mesh axis ("fsdp") the per-example vmap spreads a microbatch's examples over
       (`jax.vmap(spmd_axis_name=...)`), or "" (no constraint). Layout only: the same values.
+    first_layer: `lora.first_layer`: each step's privatised gradient is zeroed below this layer
+      (post-processing; the gradient there is exactly zero, only noise is dropped).
   """
   microbatch: int
   local_steps: int
@@ -82,6 +88,7 @@ class ClientSpec:
   client_loop: str = "map"
   uniform_axis: str = ""
   example_axis: str = ""
+  first_layer: int = 0
 
   def __post_init__(self):
     if self.dpsgd is not None and self.paper is not None:
@@ -107,7 +114,7 @@ class ClientSpec:
     return cls(microbatch=cfg.optim.microbatch_size, local_steps=cfg.fed.local_steps,
                dpsgd=plan.dpsgd, paper=plan.paper, diagnostics=cfg.private_diagnostics,
                loss_positions=loss_positions, length_buckets=tuple(length_buckets),
-               client_loop=cfg.fed.client_loop)
+               client_loop=cfg.fed.client_loop, first_layer=cfg.lora.first_layer)
 
 
 def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
@@ -115,7 +122,8 @@ def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
   """Sum over valid examples of (clipped, with DP-SGD) per-example gradients, in microbatches.
 
   Args:
-    batch: dict of [Bmax, T] arrays (tokens, mask, targets, loss_mask), right-padded.
+    batch: dict of [Bmax, T] arrays (tokens, mask, targets, loss_mask), right-padded; with
+      `lora.first_layer` > 0 optionally "hidden" [Bmax, T, D], the cached frozen prefix.
     valid: [Bmax] bool (any layout; rows first is fastest). Bmax is a multiple of the
       microbatch size.
     bucket: [Bmax / microbatch] int32, each microbatch's index into `spec.buckets` (its rows'
@@ -129,14 +137,15 @@ def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
   """
   loss_fn = functools.partial(example_loss, positions=spec.loss_positions)
   grad_fn = jax.vmap(jax.value_and_grad(loss_fn, argnums=1),
-                     in_axes=(None, None, None, 0, 0, 0, 0),
+                     in_axes=(None, None, None, 0, 0, 0, 0, 0),
                      spmd_axis_name=spec.example_axis or None)
 
   def grads_at(length, b):
     # right padding: cutting the columns after `length` removes only padding (causal attention,
     # positions from the mask), so the values are those of the full row
     b = jax.tree.map(lambda x: x[:, :length], b) if length else b
-    return grad_fn(graphdef, lora, frozen, b["tokens"], b["mask"], b["targets"], b["loss_mask"])
+    return grad_fn(graphdef, lora, frozen, b["tokens"], b["mask"], b["targets"], b["loss_mask"],
+                   b.get("hidden"))
 
   branches = [functools.partial(grads_at, n) for n in spec.buckets]
   mb = spec.microbatch
@@ -233,6 +242,7 @@ def local_train(graphdef, spec: ClientSpec, tx: optax.GradientTransformation,
     batch = jax.tree.map(lambda a: jnp.take(a, step_idx, axis=0), data)
     grad, stats = privatized_gradient(graphdef, spec, params, frozen, batch, step_valid,
                                       jax.random.fold_in(key, s), step_bucket)
+    grad = lora_lib.zero_below(grad, spec.first_layer)
     updates, opt_state = tx.update(grad, opt_state, params)
     params = optax.apply_updates(params, updates)
     return (params, opt_state), (stats if spec.diagnostics else {})

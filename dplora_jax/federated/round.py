@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from dplora_jax import distributed
+from dplora_jax import distributed, lora as lora_lib
 from dplora_jax.data import buckets as buckets_lib
 from dplora_jax.dp.mechanisms import ClientDP
 from dplora_jax.federated import aggregation, client as client_lib
@@ -180,7 +180,7 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
     summed, sums = sharded(state.lora, frozen, data, idx, valid, weights, client_ids,
                            client_key, state.client_clip, buckets)
     new_state, public = server_update(server_tx, client_dp, state, summed, sums["weight"],
-                                      sums.get("shifted_count"), server_key)
+                                      sums.get("shifted_count"), server_key, spec.first_layer)
     public = dict(public, participants=sums["participants"])
     diagnostics = {}
     if spec.diagnostics:
@@ -221,7 +221,8 @@ def run_round_step(cfg, plan, graphdef, loss_positions: int, mesh):
 
 def server_update(server_tx: optax.GradientTransformation, client_dp: ClientDP | None,
                   state: RoundState, summed: PyTree, weight: jax.Array,
-                  shifted_count: jax.Array | None, server_key: jax.Array):
+                  shifted_count: jax.Array | None, server_key: jax.Array,
+                  first_layer: int = 0):
   """The server's half of a round: from the summed client updates to the next state.
 
   Shared by the one-program round (`make_round_step`) and the deployed server
@@ -234,6 +235,8 @@ def server_update(server_tx: optax.GradientTransformation, client_dp: ClientDP |
       weights); unused with client-level DP (its divisor is the public p K).
     shifted_count: the adaptive-clipping count of `ClientDP.clip` (None without it).
     server_key: this round's server noise key (client-level DP only).
+    first_layer: `lora.first_layer`: the average update is zeroed below this layer
+      (post-processing: the clients' updates are zero there, only server noise is dropped).
 
   Returns:
     (new RoundState, public: client-level S and noised unclipped fraction where they exist, and
@@ -250,7 +253,7 @@ def server_update(server_tx: optax.GradientTransformation, client_dp: ClientDP |
     count = jnp.float32(0) if shifted_count is None else shifted_count
     avg_delta, client_clip, public = client_dp.release(server_key, summed, count,
                                                        state.client_clip)
-  neg = jax.tree.map(jnp.negative, avg_delta)
+  neg = jax.tree.map(jnp.negative, lora_lib.zero_below(avg_delta, first_layer))
   updates, server_opt = server_tx.update(neg, state.server_opt, state.lora)
   new_lora = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype),
                           state.lora, updates)

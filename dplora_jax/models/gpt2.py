@@ -78,6 +78,7 @@ class GPT2(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.config = cfg
+    self.lora_first_layer = 0  # LoRA trains layers >= this one (set by `lora.add_lora`)
     kw = dict(param_dtype=cfg.jnp_param_dtype, dtype=cfg.jnp_dtype)
     self.wte = layers.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
     self.wpe = layers.Embed(cfg.max_position_embeddings, cfg.hidden_size, rngs=rngs, **kw)
@@ -92,7 +93,8 @@ class GPT2(nnx.Module):
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, *,
                positions: jax.Array | None = None, cache: dict | None = None,
                cache_mask: jax.Array | None = None, cache_index: jax.Array | int = 0,
-               logits_at: jax.Array | None = None):
+               logits_at: jax.Array | None = None, hidden: jax.Array | None = None,
+               prefix_only: bool = False):
     b, t = tokens.shape
     if mask is None:
       mask = jnp.ones((b, t), bool)
@@ -100,13 +102,19 @@ class GPT2(nnx.Module):
       positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
     query_index = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
     key_mask = mask.astype(bool) if cache is None else cache_mask.astype(bool)
-    x = self.wte(tokens) + self.wpe(positions)
+    # `hidden`: the frozen layers' output (`prefix_only`), cached by the caller: start above it
+    x = self.wte(tokens) + self.wpe(positions) if hidden is None else hidden
+    part = "below" if prefix_only else ("above" if hidden is not None else "all")
 
     def layer(block, x, layer_cache):
       return block(x, key_mask, query_index, layer_cache)
 
-    x, new_cache = layers.scan_blocks(self.layers, x, cache, layer, remat=self.config.remat,
-                                    remat_policy=self.config.remat_policy)
+    x, new_cache = layers.scan_blocks(self.layers, x, cache, layer, part=part,
+                                      remat=self.config.remat,
+                                      remat_policy=self.config.remat_policy,
+                                      first_trained=self.lora_first_layer)
+    if prefix_only:
+      return x
     if logits_at is not None:  # only these positions reach the head (and the softmax after it)
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     logits = self.wte.attend(self.ln_f(x)).astype(jnp.float32)

@@ -185,7 +185,8 @@ def update_cache(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Ar
 
 def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer: PyTree,
                 fn: Callable[[nnx.Module, jax.Array, PyTree], tuple[jax.Array, PyTree]],
-                remat: bool = False, remat_policy: str = "nothing"):
+                remat: bool = False, remat_policy: str = "nothing", first_trained: int = 0,
+                part: str = "all"):
   """Runs stacked `blocks` over x with `jax.lax.scan` (one traced layer, any depth).
 
   Args:
@@ -196,6 +197,12 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer: PyTree,
     remat: recompute the layer in the backward pass (`jax.checkpoint`): with policy "nothing"
       only the carried activations between layers are stored; with "dots" the layer's matmul
       outputs are kept too and only the elementwise ops are recomputed.
+    first_trained: s > 0 runs layers [0, s) under `stop_gradient` (nothing of them is
+      differentiated, so the backward pass ends at layer s and keeps none of their activations),
+      then layers [s, L). Ignored with `per_layer` (inference with a cache: nothing to save).
+    part: "all"; "below" runs only layers [0, s) (the frozen prefix, whose output a caller may
+      cache: it does not depend on the trained factors); "above" only layers [s, L), from x =
+      that cached output. Both need s > 0 and no `per_layer`.
 
   Returns:
     (x, stacked per-layer outputs).
@@ -210,4 +217,14 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer: PyTree,
   if remat:
     body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies,
                                                REMAT_POLICIES[remat_policy]))
+  if part != "all" and (not first_trained or per_layer is not None):
+    raise ValueError(f"scan_blocks part={part!r} needs first_trained > 0 and no per-layer input.")
+  if first_trained and per_layer is None:
+    if part != "above":
+      below = jax.tree.map(lambda a: a[:first_trained], state)
+      x, _ = jax.lax.scan(body, x, (jax.lax.stop_gradient(below), None))
+      if part == "below":
+        return x, None
+    x = jax.lax.stop_gradient(x)
+    return jax.lax.scan(body, x, (jax.tree.map(lambda a: a[first_trained:], state), None))
   return jax.lax.scan(body, x, (state, per_layer))

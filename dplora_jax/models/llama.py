@@ -91,6 +91,7 @@ class Llama(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.config = cfg
+    self.lora_first_layer = 0  # LoRA trains layers >= this one (set by `lora.add_lora`)
     kw = dict(param_dtype=cfg.jnp_param_dtype, dtype=cfg.jnp_dtype)
     self.embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
     self.layers = Block(cfg, (cfg.num_layers,), rngs)
@@ -106,7 +107,8 @@ class Llama(nnx.Module):
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None, *,
                positions: jax.Array | None = None, cache: dict | None = None,
                cache_mask: jax.Array | None = None, cache_index: jax.Array | int = 0,
-               logits_at: jax.Array | None = None):
+               logits_at: jax.Array | None = None, hidden: jax.Array | None = None,
+               prefix_only: bool = False):
     cfg = self.config
     b, t = tokens.shape
     if mask is None:
@@ -120,9 +122,14 @@ class Llama(nnx.Module):
     def layer(block, x, layer_cache):
       return block(x, positions, inv_freq, key_mask, query_index, layer_cache)
 
-    x, new_cache = layers.scan_blocks(self.layers, self.embed(tokens), cache, layer,
-                                         remat=cfg.remat,
-                                         remat_policy=cfg.remat_policy)
+    # `hidden`: the frozen layers' output (`prefix_only`), cached by the caller: start above it
+    x = self.embed(tokens) if hidden is None else hidden
+    part = "below" if prefix_only else ("above" if hidden is not None else "all")
+    x, new_cache = layers.scan_blocks(self.layers, x, cache, layer, part=part, remat=cfg.remat,
+                                      remat_policy=cfg.remat_policy,
+                                      first_trained=self.lora_first_layer)
+    if prefix_only:
+      return x
     if logits_at is not None:  # only these positions reach the head (and the softmax after it)
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = self.norm(x)
