@@ -12,6 +12,7 @@ per-example clipping to C = 1 over the whole LoRA tree, Gaussian noise sigma = 1
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import time
@@ -33,6 +34,9 @@ def add_step_args(p):
   p.add_argument("--attention", default="einsum")
   p.add_argument("--first-layer", type=int, default=0,
                  help="train LoRA on layers >= this one only (lora.first_layer)")
+  p.add_argument("--cache-prefix", action="store_true",
+                 help="with --first-layer: the step reads the frozen layers' output, computed "
+                      "once before timing (model.cache_prefix)")
 
 
 def build_step(args):
@@ -45,6 +49,11 @@ def build_step(args):
   graphdef, lora, frozen = lora_lib.split(model)
   batch = workloads.batch(args.workload, loaded.config.vocab_size, args.batch, args.seq)
   positions = 1 if args.workload == "demo" else 0  # the sparse head where the loss allows it
+  if args.cache_prefix:
+    if not args.first_layer:
+      raise SystemExit("--cache-prefix needs --first-layer > 0")
+    batch = dict(batch, hidden=jax.jit(functools.partial(lora_lib.frozen_prefix, graphdef))(
+        lora, frozen, batch["tokens"], batch["mask"]))
   nonprivate, private, _ = workloads.jax_steps(graphdef, args.batch, args.microbatch, positions)
   return (jax.jit(private if args.dp else nonprivate), (lora, frozen, batch, jax.random.key(1)),
           loaded)
@@ -71,6 +80,7 @@ def main():
                                 args.rank)
   print(json.dumps({
       "impl": "jax", "dp": args.dp, "workload": args.workload, "step_s": float(np.median(times)),
+      "first_layer": args.first_layer, "cache_prefix": args.cache_prefix,
       "compile_s": compile_s, "useful_flops": useful,
       "xla_flops": float((cost or {}).get("flops", float("nan"))),
       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

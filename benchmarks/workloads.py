@@ -65,9 +65,9 @@ def jax_steps(graphdef, batch_size: int, microbatch: int, positions: int, lr: fl
   def nonprivate(lora, frozen, batch, key):
     def loss(l):
       fn = functools.partial(client_lib.example_loss, positions=positions)
-      per = jax.vmap(fn, in_axes=(None, None, None, 0, 0, 0, 0))(
+      per = jax.vmap(fn, in_axes=(None, None, None, 0, 0, 0, 0, 0))(
           graphdef, l, frozen, batch["tokens"], batch["mask"], batch["targets"],
-          batch["loss_mask"])
+          batch["loss_mask"], batch.get("hidden"))
       return jnp.mean(per)
     updates, _ = tx.update(jax.grad(loss)(lora), tx.init(lora), lora)
     return optax.apply_updates(lora, updates)

@@ -56,6 +56,7 @@ class Setup:
   # with `build(..., abstract_frozen=True)`: the opened checkpoint; `frozen` then holds
   # ShapeDtypeStructs until `models.sliced.place_frozen` reads it onto the mesh
   weights: Any = None
+  label_tokens: tuple = ()  # optim.loss='labels': the label words' first tokens (`loss_labels`)
 
 
 def random_arch(cfg: RunConfig, tok) -> tuple[ModelConfig, str]:
@@ -213,6 +214,17 @@ def sampling_shape(cfg: RunConfig, plan: plan_lib.PrivacyPlan,
   return int(math.ceil(d.batch_size / mb) * mb), rates
 
 
+def loss_labels(cfg: RunConfig, task, tokenizer) -> tuple[int, ...]:
+  """The label tokens of the training loss: () for `optim.loss='lm'`, else the task's label
+  words' first tokens (public: from the config and the tokenizer).
+
+  Raises:
+    ValueError: the task is not a classification by label words, or its words share a first
+      token.
+  """
+  return () if cfg.optim.loss == "lm" else task.label_tokens(tokenizer, cfg.data)
+
+
 def attach_lora(model, cfg: RunConfig):
   """Attaches the run's initial LoRA: from `lora.init_from` (a PEFT adapter) or random from the
   run's init key. Deterministic, so FFA's frozen A is rebuilt identically when exporting."""
@@ -269,8 +281,10 @@ def build(cfg: RunConfig, extra_train: list | None = None,
   if longest > loss_positions:
     raise ValueError(f"an example has {longest} answer tokens but the task's loss covers "
                      f"{loss_positions} (the longest label, or data.max_answer_tokens).")
+  label_tokens = loss_labels(cfg, task, tok)
   return Setup(cfg, graphdef, lora, frozen, tok, clients, task, evals, plan, max_batch, rates,
-               loss_positions, full_model_bytes, factor_bytes, model_path, fingerprint, weights)
+               loss_positions, full_model_bytes, factor_bytes, model_path, fingerprint, weights,
+               label_tokens)
 
 
 def evaluate(s: Setup, lora, items: list | None = None) -> dict:

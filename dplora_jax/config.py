@@ -257,12 +257,17 @@ class OptimConfig:
   learning_rate: float = 0.5  # client learning rate
   weight_decay: float = 0.0  # adamw only
   microbatch_size: int = 8  # per-example gradients computed this many at a time
+  # the training loss: "lm" (cross-entropy over the vocabulary on every answer token) or "labels"
+  # (classification tasks: cross-entropy over the label words' first tokens at the first answer
+  # position, i.e. the label-restricted softmax the evaluation ranks by; LM-BFF's head)
+  loss: str = "lm"
 
   def __post_init__(self):
     _check(self.optimizer in CLIENT_OPTIMIZERS, "optim.optimizer", self.optimizer,
            f"one of {CLIENT_OPTIMIZERS}")
     _check(self.learning_rate >= 0, "optim.learning_rate", self.learning_rate, ">= 0")
     _check(self.microbatch_size >= 1, "optim.microbatch_size", self.microbatch_size, ">= 1")
+    _check(self.loss in ("lm", "labels"), "optim.loss", self.loss, "'lm' or 'labels'")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,13 @@ def answer_positions(loss_mask: jax.Array, count: int) -> tuple[jax.Array, jax.A
   return jnp.where(valid, order, 0).astype(jnp.int32), valid
 
 
+def label_logprob(logits: jax.Array, target: jax.Array, label_tokens: jax.Array) -> jax.Array:
+  """log p(target) under the softmax restricted to `label_tokens` [C] of logits [V] (float32);
+  0 when `target` is not one of them."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32)[label_tokens], axis=-1)
+  return jnp.sum(jnp.where(label_tokens == target, logp, 0.0))
+
+
 def token_logprob(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """log p(targets) under logits [..., V] (float32)."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

@@ -119,8 +119,10 @@ def plan_round(cfg: RunConfig, *, microbatch: int | None = None,
   per = clients_per_device or math.ceil(k / groups)
   slots = per * groups
   mesh = round_lib.make_mesh(n, fsdp)
+  task = tasks.get(d.task)
   spec, server_tx, step = round_lib.run_round_step(cfg, plan, graphdef,
-                                                  tasks.get(d.task).loss_positions(tok, d), mesh)
+                                                  task.loss_positions(tok, d), mesh,
+                                                  build_lib.loss_labels(cfg, task, tok))
 
   rep, by_client = NamedSharding(mesh, P()), round_lib.client_sharding(mesh)
   state = jax.eval_shape(lambda l: round_lib.init_state(l, server_tx, cfg.dp.client_clip_norm),

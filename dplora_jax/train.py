@@ -173,7 +173,7 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   slots = int(math.ceil(k / n_groups) * n_groups)
   plan = s.plan
   spec, server_tx, round_step = round_lib.run_round_step(cfg, plan, s.graphdef, s.loss_positions,
-                                                        mesh)
+                                                        mesh, s.label_tokens)
 
   owned = distributed.owned_rows(round_lib.client_sharding(mesh), slots)
   stacked = _stack_clients(s.clients, slots, owned)

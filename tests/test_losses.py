@@ -78,3 +78,61 @@ def test_sparse_eval_scores_equal_the_full_computation():
       lora_lib.apply(graphdef, lora, frozen, ex["tokens"], ex["mask"]), -1)
   want = logits[jnp.arange(5), prompt_len - 1][:, labels]
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_label_loss_is_the_softmax_over_the_label_tokens_at_the_first_answer_position():
+  graphdef, lora, frozen = tiny.model_and_lora()
+  ex = _answers(tiny.examples(4, seed=3), 1)
+  labels = (5, 17, 40)
+  for i in range(4):
+    first = int(np.flatnonzero(ex["loss_mask"][i])[0])
+    targets = ex["targets"][i].copy()
+    targets[first] = labels[i % 3]  # the gold label word's token
+    full = np.asarray(lora_lib.apply(graphdef, lora, frozen, ex["tokens"][i][None],
+                                     ex["mask"][i][None])[0, first], np.float64)
+    z = full[list(labels)]
+    expected = -(z[i % 3] - np.log(np.sum(np.exp(z))))  # by hand, in float64
+    got = client_lib.example_loss(graphdef, lora, frozen, ex["tokens"][i], ex["mask"][i],
+                                  targets, ex["loss_mask"][i], positions=1, label_tokens=labels)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+    # the LM loss of the same example is the softmax over the whole vocabulary instead
+    lm = client_lib.example_loss(graphdef, lora, frozen, ex["tokens"][i], ex["mask"][i],
+                                 targets, ex["loss_mask"][i], positions=1)
+    assert float(lm) > float(got)
+
+
+def test_label_loss_needs_a_classification_task_and_loss_positions():
+  from dplora_jax import build, config as config_lib, tasks
+  from configs import tiny as tiny_config
+  c = tiny_config.get_config()
+  with c.unlocked():
+    c.optim.loss = "labels"
+    c.data.task = "medquad"
+  cfg = config_lib.from_config_dict(c)
+  with pytest.raises(ValueError, match="optim.loss='labels' needs a classification task"):
+    build.loss_labels(cfg, tasks.get("medquad"), None)
+  with pytest.raises(ValueError, match="a label loss needs loss positions"):
+    client_lib.ClientSpec(microbatch=2, local_steps=1, label_tokens=(1, 2))
+  with pytest.raises(ValueError, match="optim.loss"):
+    config_lib.OptimConfig(loss="softmax")
+
+
+def test_a_run_with_the_label_loss_hands_the_label_tokens_to_its_client_step():
+  from dplora_jax import build, config as config_lib
+  from dplora_jax.data.classification import label_token_ids
+  from dplora_jax.federated import round as round_lib
+  from configs import tiny as tiny_config
+  c = tiny_config.get_config()
+  with c.unlocked():
+    c.optim.loss = "labels"
+  cfg = config_lib.from_config_dict(c)
+  s = build.build(cfg)
+  words = label_token_ids(s.tokenizer, cfg.data.labels)
+  assert s.label_tokens == tuple(int(w[0]) for w in words) and len(set(s.label_tokens)) == 3
+  # every training example's first answer token is one of them (else its loss would be 0)
+  for ex in s.clients:
+    first = ex.targets[np.arange(len(ex)), np.argmax(ex.loss_mask, axis=1)]
+    assert set(first.tolist()) <= set(s.label_tokens)
+  spec, _, _ = round_lib.run_round_step(cfg, s.plan, s.graphdef, s.loss_positions,
+                                        round_lib.make_mesh(1), s.label_tokens)
+  assert spec.label_tokens == s.label_tokens

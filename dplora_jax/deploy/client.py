@@ -245,7 +245,8 @@ class InstitutionClient:
     if int(ex.loss_mask.sum(1).max()) > loss_positions:
       raise ValueError("an example's answer is longer than the task's loss positions")
     buckets = buckets_lib.bucket_lengths(d.max_length, d.length_buckets)
-    spec = client_lib.ClientSpec.from_plan(plan, cfg, loss_positions, buckets)
+    spec = client_lib.ClientSpec.from_plan(plan, cfg, loss_positions, buckets,
+                                           build_lib.loss_labels(cfg, task, tok))
     o = cfg.optim
     train = _local_train(graphdef, spec, o.optimizer, o.learning_rate, o.weight_decay)
     data = {k: getattr(ex, k) for k in ("tokens", "mask", "targets", "loss_mask")}

@@ -26,7 +26,7 @@ PyTree = Any
 
 def example_loss(graphdef, lora: PyTree, frozen: PyTree, tokens: jax.Array, mask: jax.Array,
                  targets: jax.Array, loss_mask: jax.Array, hidden: jax.Array | None = None, *,
-                 positions: int = 0) -> jax.Array:
+                 positions: int = 0, label_tokens: tuple[int, ...] = ()) -> jax.Array:
   """Causal-LM loss of one example, averaged over its response (label) tokens.
 
   Args:
@@ -34,12 +34,17 @@ def example_loss(graphdef, lora: PyTree, frozen: PyTree, tokens: jax.Array, mask
     hidden: [T, D] its cached frozen-prefix activations (`lora.frozen_prefix`), or None.
     positions: P > 0 computes the head and the softmax only at the first P loss positions (every
       example must have at most P answer tokens); 0 computes them at all T positions.
+    label_tokens: () for the LM loss; else the label words' first tokens: the loss is the
+      cross-entropy of the softmax over those logits only, at the first answer position (needs
+      P > 0; the target there must be one of them).
   """
   h = None if hidden is None else hidden[None]
   if positions:
     pos, valid = losses.answer_positions(loss_mask, positions)
     logits = lora_lib.apply(graphdef, lora, frozen, tokens[None], mask[None], pos[None],
                             hidden=h)[0]
+    if label_tokens:
+      return -losses.label_logprob(logits[0], targets[pos[0]], jnp.asarray(label_tokens))
     nll = -losses.token_logprob(logits, targets[pos])
     w = valid.astype(jnp.float32)
   else:
@@ -77,6 +82,8 @@ class ClientSpec:
       (`jax.vmap(spmd_axis_name=...)`), or "" (no constraint). Layout only: the same values.
     first_layer: `lora.first_layer`: each step's privatised gradient is zeroed below this layer
       (post-processing; the gradient there is exactly zero, only noise is dropped).
+    label_tokens: `optim.loss='labels'`: the label words' first tokens (see `example_loss`); ()
+      for the LM loss.
   """
   microbatch: int
   local_steps: int
@@ -89,12 +96,15 @@ class ClientSpec:
   uniform_axis: str = ""
   example_axis: str = ""
   first_layer: int = 0
+  label_tokens: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.dpsgd is not None and self.paper is not None:
       raise ValueError("a client step uses one mechanism: dpsgd or paper, not both.")
     if self.client_loop not in ("map", "vmap"):
       raise ValueError(f"fed.client_loop={self.client_loop!r}; expected 'map' or 'vmap'.")
+    if self.label_tokens and not self.loss_positions:
+      raise ValueError("a label loss needs loss positions (the first answer position).")
     if list(self.length_buckets) != sorted(set(self.length_buckets)):
       raise ValueError(f"length buckets {self.length_buckets} must be strictly ascending.")
 
@@ -108,13 +118,14 @@ class ClientSpec:
     return "sample" if self.dpsgd else ("paper" if self.paper else "none")
 
   @classmethod
-  def from_plan(cls, plan, cfg, loss_positions: int = 0,
-                length_buckets: tuple[int, ...] = ()) -> "ClientSpec":
+  def from_plan(cls, plan, cfg, loss_positions: int = 0, length_buckets: tuple[int, ...] = (),
+                label_tokens: tuple[int, ...] = ()) -> "ClientSpec":
     """The client step of `cfg` with the mechanism its privacy plan built."""
     return cls(microbatch=cfg.optim.microbatch_size, local_steps=cfg.fed.local_steps,
                dpsgd=plan.dpsgd, paper=plan.paper, diagnostics=cfg.private_diagnostics,
                loss_positions=loss_positions, length_buckets=tuple(length_buckets),
-               client_loop=cfg.fed.client_loop, first_layer=cfg.lora.first_layer)
+               client_loop=cfg.fed.client_loop, first_layer=cfg.lora.first_layer,
+               label_tokens=tuple(label_tokens))
 
 
 def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
@@ -135,7 +146,8 @@ def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
   Formal guarantee (DP-SGD): the sum changes by at most C in L2 norm when one valid example is
   added or removed (see `clipping.clip_and_sum`); padded rows contribute exactly zero.
   """
-  loss_fn = functools.partial(example_loss, positions=spec.loss_positions)
+  loss_fn = functools.partial(example_loss, positions=spec.loss_positions,
+                              label_tokens=spec.label_tokens)
   grad_fn = jax.vmap(jax.value_and_grad(loss_fn, argnums=1),
                      in_axes=(None, None, None, 0, 0, 0, 0, 0),
                      spmd_axis_name=spec.example_axis or None)

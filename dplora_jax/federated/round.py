@@ -197,7 +197,8 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
   return jax.jit(round_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
 
 
-def run_round_step(cfg, plan, graphdef, loss_positions: int, mesh):
+def run_round_step(cfg, plan, graphdef, loss_positions: int, mesh,
+                   label_tokens: tuple[int, ...] = ()):
   """(client spec, server optimizer, round step) of a run's config on `mesh`: the one place
   that turns a RunConfig and its privacy plan into the round (the run loop, the memory planner).
 
@@ -207,7 +208,8 @@ def run_round_step(cfg, plan, graphdef, loss_positions: int, mesh):
   d = cfg.data
   spec = client_lib.ClientSpec.from_plan(plan, cfg, loss_positions,
                                          buckets_lib.bucket_lengths(d.max_length,
-                                                                    d.length_buckets))
+                                                                    d.length_buckets),
+                                         label_tokens)
   if FSDP in mesh.axis_names:
     spec = dataclasses.replace(spec, uniform_axis=AXIS if mesh.shape[AXIS] > 1 else "",
                                example_axis=FSDP)

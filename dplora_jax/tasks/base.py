@@ -72,6 +72,11 @@ class Task:
     """P: the most answer tokens of a training example (public: from the config)."""
     return dc.max_answer_tokens
 
+  def label_tokens(self, tokenizer, dc) -> tuple[int, ...]:
+    """The first token of each label word, for `optim.loss='labels'` (classification only)."""
+    raise ValueError(f"optim.loss='labels' needs a classification task by label words; task "
+                     f"{self.name!r} is not one (use optim.loss='lm').")
+
   def train_examples(self, items: list, tokenizer, dc) -> Examples:
     raise NotImplementedError
 

@@ -43,6 +43,14 @@ class SentimentTask(base.Task):
   def loss_positions(self, tokenizer, dc):
     return max(len(a) for a in data_lib.label_token_ids(tokenizer, dc.labels))
 
+  def label_tokens(self, tokenizer, dc):
+    first = tuple(int(a[0]) for a in data_lib.label_token_ids(tokenizer, dc.labels))
+    if len(set(first)) < len(first):
+      raise ValueError(f"optim.loss='labels': the label words {tuple(dc.labels)} do not start "
+                       f"with distinct tokens ({first}); choose other data.labels or "
+                       "optim.loss='lm'.")
+    return first
+
   def item_labels(self, items):
     return np.asarray([lab for _, lab in items], np.int64)
 
