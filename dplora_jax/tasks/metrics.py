@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 
 
 def confusion(pred: np.ndarray, labels: np.ndarray, num_labels: int) -> np.ndarray:
@@ -36,8 +37,8 @@ def classification_metrics(pred: np.ndarray, labels: np.ndarray, num_labels: int
 
 
 def _entropy(counts: np.ndarray) -> float:
-  p = counts[counts > 0] / max(counts.sum(), 1.0)
-  return float(-(p * np.log(p)).sum())
+  """Entropy (nats) of the frequencies `counts` (0 for no rows)."""
+  return float(stats.entropy(counts)) if counts.sum() > 0 else 0.0
 
 
 def choice_metrics(scores: np.ndarray, lengths: np.ndarray, gold: np.ndarray) -> dict:
