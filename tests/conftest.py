@@ -31,6 +31,7 @@ def pytest_unconfigure(config):
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into node ids
 def pytest_collection_modifyitems(config, items):
   """Under pytest-xdist's `--dist loadgroup` (make test), each test file runs on one worker (its
   module fixtures are built once) and the deployment files share one (the simulation fixture)."""
@@ -38,3 +39,16 @@ def pytest_collection_modifyitems(config, items):
     path = item.nodeid.split("::")[0]
     item.add_marker(pytest.mark.xdist_group("deploy" if path.startswith("tests/deploy/")
                                             else path))
+
+
+def pytest_configure(config):
+  """xdist 3.8's loadgroup writes the group into `item._nodeid`, which pytest 9 no longer reads:
+  the grouping is silently off and every module fixture is built on both workers (the audit's
+  twice: +6 min). setup.cfg pins pytest < 9; refuse a run that would not group."""
+  if getattr(config.option, "dist", "no") == "loadgroup":
+    import xdist
+    version = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
+    if version(pytest.__version__) >= (9, 0) and version(xdist.__version__) <= (3, 8):
+      raise pytest.UsageError(
+          f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__}: --dist loadgroup "
+          "does not group; install the test extra's pins (pip install -e .[test])")
