@@ -118,7 +118,8 @@ def human_bytes(n: float) -> str:
 
 _SHOWN = (("accuracy", "accuracy"), ("f1_macro", "macro F1"), ("acc", "acc"),
           ("acc_norm", "acc_norm"), ("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"),
-          ("rouge2", "ROUGE-2"), ("perplexity", "answer perplexity"), ("nll", "label NLL"))
+          ("rouge2", "ROUGE-2"), ("perplexity", "answer perplexity"), ("nll", "label NLL"),
+          ("label_nll", "NLL among the labels"))
 
 
 def metric_text(m: dict) -> str:
@@ -154,8 +155,8 @@ def format_summary(s: dict) -> str:
   if "majority_accuracy" in b:
     lines.append(f"    always answering the most frequent class: accuracy "
                  f"{b['majority_accuracy']:.3f}"
-                 + (f" (label NLL knowing only the label frequencies: {b['prior_nll']:.3f})"
-                    if "prior_nll" in b and "nll" in b else ""))
+                 + (f" (NLL among the labels knowing only their frequencies: "
+                    f"{b['prior_nll']:.3f})" if "prior_nll" in b else ""))
   lines += [
       f"  sent up {human_bytes(s['bytes_up_total'])}"
       f"{' (expected)' if s['bytes_are_expected'] else ''} "

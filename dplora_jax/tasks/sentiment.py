@@ -13,6 +13,7 @@ import dataclasses
 import os
 
 import numpy as np
+from scipy import special
 
 from dplora_jax.data import classification as data_lib, io
 from dplora_jax.tasks import base, metrics, scoring
@@ -64,8 +65,13 @@ class SentimentTask(base.Task):
     answers = data_lib.label_token_ids(tokenizer, dc.labels)
     scores = scoring.label_scores(parts, ex, answers, tokenizer.pad_token_id, dc.eval_batch_size)
     out = metrics.classification_metrics(np.argmax(scores, axis=1), ex.labels, len(dc.labels))
-    # the mean negative log-likelihood of the gold label (over the whole vocabulary)
-    out["nll"] = float(-np.mean(scores[np.arange(len(ex)), ex.labels])) if len(ex) else 0.0
+    # the mean negative log-likelihood of the gold label: over the whole vocabulary, and among the
+    # label words only (the softmax over their scores: comparable with `prior_nll`, and what
+    # optim.loss='labels' trains, which leaves the whole-vocabulary NLL untrained)
+    gold = scores[np.arange(len(ex)), ex.labels]
+    out["nll"] = float(-np.mean(gold)) if len(ex) else 0.0
+    out["label_nll"] = (float(np.mean(special.logsumexp(scores, axis=1) - gold))
+                        if len(ex) else 0.0)
     return out
 
 

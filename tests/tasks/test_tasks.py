@@ -137,6 +137,12 @@ def test_label_scores_bucketed_equal_the_direct_computation(lm):
   hand = _by_hand(parts, [(ex.tokens[i, :ex.prompt_len[i]], a) for i in range(len(texts))
                           for a in answers]).reshape(len(texts), 3)
   np.testing.assert_allclose(got, hand, atol=1e-4)
+  # the eval's two NLLs of the gold label: over the vocabulary, and among the label words only
+  m = task.evaluate(parts, tok, items, dc)
+  gold = np.arange(len(texts)) % 3
+  p = np.exp(hand) / np.exp(hand).sum(1, keepdims=True)
+  assert m["nll"] == pytest.approx(-hand[np.arange(3), gold].mean(), abs=1e-4)
+  assert m["label_nll"] == pytest.approx(-np.log(p[np.arange(3), gold]).mean(), abs=1e-4)
 
 
 def test_qa_trains_on_answer_tokens_and_reports_rouge(lm):
