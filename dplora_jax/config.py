@@ -16,6 +16,7 @@ from dplora_jax.lora import LoRAConfig
 
 DP_MODES = ("sample", "client", "sample+client", "paper", "none")
 PAPER_NOISE = ("sigma_c", "sigma_c_over_b")
+NOISE_AT = ("client", "server")
 ACCOUNTANTS = ("rdp", "pld")
 PARTITIONS = ("iid", "dirichlet", "field")
 AGGREGATIONS = ("fedavg", "ffa")
@@ -148,6 +149,11 @@ class DPConfig:
   adaptive_clip_lr: float = 0.2  # adaptive S: eta, S <- S exp(-eta (unclipped fraction - gamma))
   adaptive_clip_count_noise: float = 0.0  # adaptive S: std of the count noise (0 = expected/20)
   paper_noise: str = "sigma_c"  # paper mode noise std: sigma_c (sigma*C) or sigma_c_over_b
+  # sample mode: who adds the example-level noise. "client": each client noises its own clipped
+  # sum (no one else ever sees an un-noised value). "server": a TRUSTED aggregator sums the
+  # clients' clipped, un-noised sums and noises the total once (sqrt(participants) less noise on
+  # the average at the same eps; the same accounting); needs fed.local_steps=1 and plain SGD.
+  noise_at: str = "client"
   # -1: every source of DP randomness (noise, example and client sampling, truncation) comes from
   # OS entropy (secret); >= 0 seeds them all, for reproductions only: anyone with the config can
   # then regenerate the noise and the samples (the report says so).
@@ -177,6 +183,10 @@ class DPConfig:
            f"one of {ACCOUNTANTS}")
     _check(self.paper_noise in PAPER_NOISE, "dp.paper_noise", self.paper_noise,
            f"one of {PAPER_NOISE}")
+    _check(self.noise_at in NOISE_AT, "dp.noise_at", self.noise_at, f"one of {NOISE_AT}")
+    if self.noise_at == "server":
+      _check(self.mode == "sample", "dp.noise_at", self.noise_at,
+             "'client' unless dp.mode='sample' (the aggregator noises the example-level sum)")
     _check(isinstance(self.reproducible_seed, int) and self.reproducible_seed >= -1,
            "dp.reproducible_seed", self.reproducible_seed, "-1 (OS entropy) or an integer >= 0")
     if self.mode in ("sample", "sample+client", "paper"):
@@ -332,6 +342,15 @@ class RunConfig:
         raise ValueError(f"dp.client_delta={dp.client_delta} >= 1/{fed.num_clients} (one over the "
                          "number of clients): such a delta allows releasing a client outright; "
                          "lower it or set dp.allow_large_delta=True.")
+    if dp.noise_at == "server":
+      if fed.local_steps != 1:
+        raise ValueError(f"fed.local_steps={fed.local_steps} with dp.noise_at='server': the "
+                         "aggregator noises one clipped gradient sum per round, so a client may "
+                         "take no un-noised step before it; set fed.local_steps=1.")
+      if self.optim.optimizer != "sgd":
+        raise ValueError(f"optim.optimizer={self.optim.optimizer!r} with dp.noise_at='server': "
+                         "the clients' step is applied to the released average, which needs "
+                         "plain SGD; set optim.optimizer='sgd' (a server optimizer may follow).")
     if dp.mode == "paper":
       if fed.client_rate != 1.0:
         raise ValueError(f"fed.client_rate={fed.client_rate} with dp.mode='paper': Algorithm 1 "

@@ -234,9 +234,11 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   before = evaluate(s, s.lora)
   initial = jax.tree.map(np.asarray, s.lora)
   expected = cfg.fed.client_rate * k
-  # the public noise norm sigma C sqrt(d) / B (only the private_diagnostics ratio uses it)
+  # the public noise norm sigma C sqrt(d) / B (only the private_diagnostics ratio uses it); with
+  # the aggregator noising (dp.noise_at='server') that of the average over the expected clients
   noise_norm = (plan.dpsgd.noise_multiplier * plan.dpsgd.clip_norm
-                * math.sqrt(lora_lib.trained_params(s.lora, cfg.lora.first_layer)) / plan.dpsgd.divisor
+                * math.sqrt(lora_lib.trained_params(s.lora, cfg.lora.first_layer))
+                / plan.dpsgd.divisor / (expected if plan.central is not None else 1.0)
                 if plan.dpsgd is not None else None)
   lengths = [c.mask.sum(1) for c in s.clients]  # private: only to pick compute buckets
   n_micro = s.max_batch // cfg.optim.microbatch_size

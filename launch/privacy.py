@@ -96,6 +96,9 @@ def main(argv=None) -> int:
                else f"charged delta {d['truncation_delta']:.3g}")
         print(f"  physical batch {d['max_batch']} (expected {d['expected_batch']}), over-full "
               f"samples cut: {how}")
+        if d.get("noise_at") == "server":
+          print("  noise added once by a TRUSTED aggregator (dp.noise_at='server'): it sees each "
+                "client's clipped, un-noised gradient sum")
       if m.name == "paper":
         d = m.details
         print(f"  the paper's claim: eps = {d['paper_epsilon_per_iteration']:.6g} per iteration "

@@ -57,8 +57,10 @@ def client_spec(mechanism="sample", *, clip=0.1, sigma=1.0, divisor=3, microbatc
 
 def round_setup(num_clients=8, n=6, steps=1, bmax=4, mechanism="sample", sigma=1.0, clip=0.1,
                 lr=0.5, devices=1, weights=None, client_dp=None, client_clip=0.0, freeze_a=False,
-                paper_noise_std=0.0, seed=0, diagnostics=False, first_layer=0):
-  """A compiled round on the tiny model with random samples: (step, state, args, extras)."""
+                paper_noise_std=0.0, seed=0, diagnostics=False, first_layer=0, noise_at="client"):
+  """A compiled round on the tiny model with random samples: (step, state, args, extras);
+  noise_at='server': the aggregator noises the clients' clipped sums (CentralDPSGD(spec.dpsgd,
+  lr))."""
   import optax
   from dplora_jax.federated import round as round_lib
   import dataclasses
@@ -66,10 +68,15 @@ def round_setup(num_clients=8, n=6, steps=1, bmax=4, mechanism="sample", sigma=1
   spec = dataclasses.replace(
       client_spec(mechanism, clip=clip, sigma=sigma, divisor=3, microbatch=2, steps=steps,
                   paper_noise_std=paper_noise_std, diagnostics=diagnostics),
-      first_layer=first_layer)
+      first_layer=first_layer, noise_at=noise_at)
+  central = None
+  if noise_at == "server":
+    from dplora_jax.dp.mechanisms import CentralDPSGD
+    central = CentralDPSGD(spec.dpsgd, lr)
   mesh = round_lib.make_mesh(devices)
   server_tx = round_lib.make_server_optimizer("fedavg", 1.0)
-  step = round_lib.make_round_step(graphdef, spec, optax.sgd(lr), server_tx, mesh, client_dp)
+  step = round_lib.make_round_step(graphdef, spec, optax.sgd(lr), server_tx, mesh, client_dp,
+                                   central=central)
   rng = np.random.default_rng(seed)
   idx = rng.integers(0, n, (num_clients, steps, bmax)).astype(np.int32)
   valid = rng.random((num_clients, steps, bmax)) < 0.7

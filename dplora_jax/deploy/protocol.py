@@ -177,10 +177,15 @@ def check_deployable(cfg) -> None:
   """Refuses configs (`config.RunConfig`) the deployment does not implement, naming the field.
 
   Raises:
-    ValueError: paper mode, adaptive client clipping, weighting by size, no public size bound.
+    ValueError: paper mode, adaptive client clipping, weighting by size, no public size bound,
+      noise added by the aggregator.
   """
   if cfg.dp.mode not in SUPPORTED_MODES:
     raise ValueError(f"dp.mode={cfg.dp.mode!r} is not deployable; use one of {SUPPORTED_MODES}.")
+  if cfg.dp.noise_at != "client":
+    raise ValueError("dp.noise_at='server' is not deployable: each institution would send its "
+                     "clipped, un-noised gradient sum over the network to a server it must "
+                     "trust (no secure aggregation here); use dp.noise_at='client'.")
   if cfg.dp.adaptive:
     raise ValueError("dp.adaptive_clip_quantile > 0: adaptive client clipping is not deployable "
                      "yet (clients would send their unclipped bit); use a fixed "

@@ -4,6 +4,8 @@
   `clipping.clip_and_sum`, accumulated over microbatches by the client).
 - `PaperGroups`: the DP-LoRA paper's Algorithm 1 release (each LoRA factor group of the batch-mean
   gradient clipped to C and noised).
+- `CentralDPSGD`: the same per-example DP-SGD with the noise added once, by a trusted aggregator,
+  to the sum of every participating client's clipped gradient sum (`dp.noise_at='server'`).
 - `ClientDP`: DP-FedAvg at the server: client updates clipped to S (`clip`), summed, noised and
   divided by the fixed expected number of clients (`release`).
 - `AdaptiveClip`: Andrew et al. (2021) adaptive S, an init/update pair with a NamedTuple state;
@@ -54,6 +56,46 @@ class DPSGD:
     """
     noised = noise.gaussian_release(key, clipped_sum, self.clip_norm, self.noise_multiplier)
     return jax.tree.map(lambda x: x / self.divisor, noised)
+
+
+@dataclasses.dataclass(frozen=True)
+class CentralDPSGD:
+  """Per-example DP-SGD noised by a trusted aggregator (`dp.noise_at='server'`).
+
+  Each participating client computes one step's clipped per-example gradient sum (`clipping.
+  clip_and_sum`, no noise) and hands it to the aggregator, which sums them and releases the sum
+  once with N(0, (sigma C)^2): the federated batch is one DP-SGD batch, with sqrt(participants)
+  less noise on the average than every client noising its own sum at the same eps. The
+  aggregator sees each client's clipped, un-noised sum: it must be trusted (or the sum taken under
+  secure aggregation, which this codebase does not implement); everyone else sees only the
+  release. Needs one local plain-SGD step per round (the client update is then linear in its sum).
+
+  Attributes:
+    dpsgd: the example-level spec (C, sigma, the public expected batch B of each client).
+    client_lr: the clients' SGD learning rate (their step is applied to the released average).
+  """
+  dpsgd: DPSGD
+  client_lr: float
+
+  def release(self, key: jax.Array, clipped_sum: PyTree, participants: jax.Array) -> PyTree:
+    """The average client update: -lr (sum + N(0, (sigma C)^2)) / (B participants).
+
+    Args:
+      key: the aggregator's noise key for this round (used here only).
+      clipped_sum: sum over the participating clients of their clipped per-example gradient
+        sums, each example of each client clipped to C and counted once (client weights 0 or 1).
+      participants: the number of sampled clients (the aggregator's own sampling decision,
+        fixed before any client replies; not a function of the clients' data).
+
+    Formal guarantee: every example belongs to one client, so adding or removing one example
+    moves `clipped_sum` by at most C: `DPSGD.release` on it is the Gaussian mechanism with
+    multiplier sigma (the other clients' sums are independent of that example); with each
+    client's Poisson sample at rate q it is the sampled Gaussian `dp.plan` accounts (truncation
+    as for the client-noised mechanism). The divisions and the sign are post-processing.
+    """
+    released = self.dpsgd.release(key, clipped_sum)  # (sum + noise) / B
+    denom = jnp.maximum(participants, 1.0)
+    return jax.tree.map(lambda x: -self.client_lr * x / denom, released)
 
 
 @dataclasses.dataclass(frozen=True)

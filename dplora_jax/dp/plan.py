@@ -20,6 +20,9 @@ ledger of a starting adapter; never the data or the realised client sizes.
   numerically (tests/dp/test_truncation.py), not proven here. "delta" (any accountant): the
   coupling bound of `dp.sampling.truncation_delta` is charged to delta, which needs a max_batch
   far in the tail (3.5x the expected batch on the demo).
+  With dp.noise_at='server' the same Gaussian is applied once per round by a trusted aggregator
+  to the sum of the clients' clipped sums (`CentralDPSGD`): an example lies in one client, the
+  other clients' sums do not depend on it, so the event (q, sigma, truncation) is the same one.
 - "client" (dp.mode client / sample+client): DP-FedAvg (McMahan et al. 2018). Unit: one whole
   client (add/remove of its dataset). Each round is a Poisson-sampled (rate p) Gaussian on the sum
   of client updates clipped to S; client sampling is credited. With adaptive clipping (Andrew et
@@ -45,7 +48,7 @@ import math
 
 from dplora_jax.dp import accounting, sampling
 from dplora_jax.dp.ledger import Ledger, LedgerEntry, Segment, segments_event
-from dplora_jax.dp.mechanisms import DPSGD, AdaptiveClip, ClientDP, PaperGroups
+from dplora_jax.dp.mechanisms import DPSGD, AdaptiveClip, CentralDPSGD, ClientDP, PaperGroups
 
 UNITS = {
     "example": "one example of one client (add/remove)",
@@ -129,6 +132,8 @@ class PrivacyPlan:
   Attributes:
     mechanisms: accounting records in report order (example, client) or (paper,).
     dpsgd: the client step's per-example DP-SGD spec, or None.
+    central: with dp.noise_at='server', the aggregator's release of the same spec (the clients
+      then only clip), or None.
     paper: the paper-mode group release spec, or None.
     server: the server's client-level DP spec, or None.
     max_batch: the physical Poisson batch of the example-level mechanism (0: not fixed here).
@@ -136,6 +141,7 @@ class PrivacyPlan:
   """
   mechanisms: tuple[Mechanism, ...]
   dpsgd: DPSGD | None = None
+  central: CentralDPSGD | None = None
   paper: PaperGroups | None = None
   server: ClientDP | None = None
   max_batch: int = 0
@@ -154,7 +160,8 @@ class PrivacyPlan:
                                    if self.server and self.server.adaptive else 0.0),
             "expected_clients": self.server.expected_clients if self.server else 0.0,
             "paper_noise_std": self.paper.noise_std if self.paper else 0.0,
-            "max_batch": self.max_batch, "public": self.public}
+            "max_batch": self.max_batch, "noise_at": "server" if self.central else "client",
+            "public": self.public}
 
 
 def _event_fn(prior: tuple[Segment, ...], sampling_rate: float, releases: int,
@@ -239,7 +246,11 @@ def _example(cfg, prior: tuple[Segment, ...]):
       prior=prior,
       details={"clip_norm": dp.clip_norm, "expected_batch": b, "max_batch": max_batch,
                "truncation": truncation, "truncation_delta": trunc, "max_client_size": n_pub,
-               "note": "client sampling not credited (conservative)"})
+               "noise_at": dp.noise_at,
+               "note": "client sampling not credited (conservative)"
+                       + ("; noise added once by the aggregator, which must be trusted: it sees "
+                          "each client's clipped, un-noised gradient sum"
+                          if dp.noise_at == "server" else "")})
   return mech, DPSGD(float(dp.clip_norm), sigma, float(b)), max_batch
 
 
@@ -370,6 +381,8 @@ def make_plan(cfg, prior: Ledger | None = None) -> PrivacyPlan:
   if cfg.dp.sample_level:
     mech, kw["dpsgd"], kw["max_batch"] = _example(cfg, priors.get("example", ()))
     mechanisms.append(mech)
+    if cfg.dp.noise_at == "server":
+      kw["central"] = CentralDPSGD(kw["dpsgd"], float(cfg.optim.learning_rate))
   if cfg.dp.client_level:
     mech, kw["server"] = _client(cfg, priors.get("client", ()))
     mechanisms.append(mech)

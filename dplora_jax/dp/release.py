@@ -2,6 +2,9 @@
 
 - sample: a client sends its update, post-processing of its DP-SGD releases (example-level
   eps); the server returns, and the final adapter is, the average of those updates.
+  With dp.noise_at='server' a client sends its clipped, un-noised gradient sum to the aggregator
+  (trusted, like the server of client mode); the aggregator releases the noised average update
+  (`CentralDPSGD`; example-level eps against everyone but itself).
 - client: a client sends its raw update (the server is trusted to clip and noise); the server
   releases the noised clipped sum / (p K), S and the noised unclipped fraction (client-level eps).
 - sample+client: a client sends its DP-SGD update; the server releases its noised aggregate

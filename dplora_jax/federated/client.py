@@ -84,6 +84,9 @@ class ClientSpec:
       (post-processing; the gradient there is exactly zero, only noise is dropped).
     label_tokens: `optim.loss='labels'`: the label words' first tokens (see `example_loss`); ()
       for the LM loss.
+    noise_at: "client" (`local_train`: the client noises its own release) or "server"
+      (`clipped_step_sum`: the client only clips; a trusted aggregator noises the total, see
+      `dp.mechanisms.CentralDPSGD`).
   """
   microbatch: int
   local_steps: int
@@ -97,6 +100,7 @@ class ClientSpec:
   example_axis: str = ""
   first_layer: int = 0
   label_tokens: tuple[int, ...] = ()
+  noise_at: str = "client"
 
   def __post_init__(self):
     if self.dpsgd is not None and self.paper is not None:
@@ -107,6 +111,8 @@ class ClientSpec:
       raise ValueError("a label loss needs loss positions (the first answer position).")
     if list(self.length_buckets) != sorted(set(self.length_buckets)):
       raise ValueError(f"length buckets {self.length_buckets} must be strictly ascending.")
+    if self.noise_at == "server" and (self.dpsgd is None or self.local_steps != 1):
+      raise ValueError("dp.noise_at='server' needs per-example DP-SGD and one local step.")
 
   @property
   def buckets(self) -> tuple[int, ...]:
@@ -125,7 +131,8 @@ class ClientSpec:
                dpsgd=plan.dpsgd, paper=plan.paper, diagnostics=cfg.private_diagnostics,
                loss_positions=loss_positions, length_buckets=tuple(length_buckets),
                client_loop=cfg.fed.client_loop, first_layer=cfg.lora.first_layer,
-               label_tokens=tuple(label_tokens))
+               label_tokens=tuple(label_tokens),
+               noise_at="server" if plan.central is not None else "client")
 
 
 def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
@@ -242,6 +249,9 @@ def local_train(graphdef, spec: ClientSpec, tx: optax.GradientTransformation,
     (delta = local LoRA - global LoRA: the client's release, private statistics: {} unless
     spec.diagnostics).
   """
+  if spec.noise_at != "client":  # its delta would be un-noised: only `clipped_step_sum` may run
+    raise ValueError("dp.noise_at='server': the client releases its clipped sum to the trusted "
+                     "aggregator (clipped_step_sum), never an un-noised local step.")
   opt_state = tx.init(lora)
 
   if bucket is None:
@@ -269,3 +279,35 @@ def local_train(graphdef, spec: ClientSpec, tx: optax.GradientTransformation,
                  "clip_fraction": jnp.sum(stats["clipped"]) / count,
                  "signal_norm": jnp.mean(stats["signal_norm"]),
                  "examples": jnp.sum(stats["count"]).astype(jnp.float32)}
+
+
+def clipped_step_sum(graphdef, spec: ClientSpec, lora, frozen, data: dict, idx: jax.Array,
+                     valid: jax.Array, bucket: jax.Array | None = None):
+  """One client's share of a `dp.noise_at='server'` round: the sum of its clipped per-example
+  gradients on its (single) step's Poisson sample, un-noised, for the trusted aggregator.
+
+  Args:
+    data, idx, valid, bucket: as `local_train` ([1, Bmax] sample: one local step).
+
+  Returns:
+    (clipped gradient sum, zero below `spec.first_layer`; private statistics: {} unless
+    spec.diagnostics).
+
+  Formal guarantee: adding or removing one valid example moves the sum by at most C
+  (`clipping.clip_and_sum`); padded rows contribute exactly zero. It is NOT private on its own:
+  `dp.mechanisms.CentralDPSGD.release` noises the sum over clients.
+  """
+  if spec.noise_at != "server" or spec.dpsgd is None:
+    raise ValueError("clipped_step_sum is the client half of dp.noise_at='server' only.")
+  if bucket is None:
+    bucket = jnp.zeros(idx.shape[:1] + (idx.shape[1] // spec.microbatch,), jnp.int32) + max(
+        len(spec.buckets) - 1, 0)
+  batch = jax.tree.map(lambda a: jnp.take(a, idx[0], axis=0), data)
+  g_sum, stats = per_example_grads_sum(graphdef, spec, lora, frozen, batch, valid[0], bucket[0])
+  g_sum = lora_lib.zero_below(g_sum, spec.first_layer)
+  if not spec.diagnostics:
+    return g_sum, {}
+  count = jnp.maximum(stats["count"], 1)
+  return g_sum, {"loss": stats["loss_sum"] / count, "clip_fraction": stats["clipped"] / count,
+                 "signal_norm": clipping.global_norm(g_sum) / spec.dpsgd.divisor,
+                 "examples": stats["count"].astype(jnp.float32)}

@@ -18,7 +18,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from dplora_jax import distributed, lora as lora_lib
 from dplora_jax.data import buckets as buckets_lib
-from dplora_jax.dp.mechanisms import ClientDP
+from dplora_jax.dp.mechanisms import CentralDPSGD, ClientDP
 from dplora_jax.federated import aggregation, client as client_lib
 
 PyTree = Any
@@ -91,7 +91,8 @@ def init_state(lora: PyTree, server_tx: optax.GradientTransformation,
 
 
 def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx, mesh,
-                    client_dp: ClientDP | None = None, ordered: bool = False):
+                    client_dp: ClientDP | None = None, ordered: bool = False,
+                    central: CentralDPSGD | None = None):
   """Builds `round_step(state, frozen, data, idx, valid, weights, client_ids, noise_key,
   buckets=None)`.
 
@@ -104,6 +105,9 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
     ordered: sum the client updates in client order after an all_gather (results bitwise
       independent of the device and process layout; K LoRA-sized rows per device) instead of a
       psum of per-device sums (equal up to float summation order).
+    central: `dp.noise_at='server'` (the plan's `central`): the clients send their clipped
+      gradient sums (`client_lib.clipped_step_sum`, spec.noise_at 'server'), the server noises
+      their sum once (`CentralDPSGD.release`); None: the clients' releases are their updates.
 
   Args (of the returned function):
     state: RoundState (donated).
@@ -117,7 +121,7 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
       (every microbatch at the full length).
     noise_key: the run's secret DP-noise key. It feeds two streams only: clients use
       fold_in(fold_in(fold_in(noise_key, 0), r), client_id), then fold_in(., step); the server
-      uses fold_in(fold_in(noise_key, 1), r).
+      uses fold_in(fold_in(noise_key, 1), r) (and fold_in(., 2) of it for `central`).
 
   Returns:
     (new state, {"public": ..., "diagnostics": ...}). "public" holds only what the release
@@ -127,10 +131,19 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
 
   Formal guarantee: each client's update is `client_lib.local_train` (its mechanism is stated
   there); with `client_dp`, the server's release is `ClientDP.release` of updates clipped by
-  `ClientDP.clip`; everything else post-processes those releases. Zero-weight clients contribute
-  exactly zero.
+  `ClientDP.clip`; with `central`, the server's release is `CentralDPSGD.release` of the sum of
+  the clients' clipped sums (weights 0 or 1: every example counted at most once); everything
+  else post-processes those releases. Zero-weight clients contribute exactly zero.
   """
-  local = functools.partial(client_lib.local_train, graphdef, spec, client_tx)
+  if (central is not None) != (spec.noise_at == "server"):
+    raise ValueError("dp.noise_at='server' needs both the clients' clipped sums "
+                     "(spec.noise_at='server') and the aggregator's release (central).")
+  if central is not None:
+    def local(lora, frozen, data, idx, valid, key, bucket):  # no key: the aggregator noises
+      del key
+      return client_lib.clipped_step_sum(graphdef, spec, lora, frozen, data, idx, valid, bucket)
+  else:
+    local = functools.partial(client_lib.local_train, graphdef, spec, client_tx)
   # one client group (e.g. every device in fsdp): no collective over "clients" (XLA rejects a
   # size-1 manual axis's all-reduce next to auto-partitioned fsdp collectives; it is the identity)
   one_group = mesh.shape[AXIS] == 1
@@ -180,7 +193,8 @@ def make_round_step(graphdef, spec: client_lib.ClientSpec, client_tx, server_tx,
     summed, sums = sharded(state.lora, frozen, data, idx, valid, weights, client_ids,
                            client_key, state.client_clip, buckets)
     new_state, public = server_update(server_tx, client_dp, state, summed, sums["weight"],
-                                      sums.get("shifted_count"), server_key, spec.first_layer)
+                                      sums.get("shifted_count"), server_key, spec.first_layer,
+                                      central)
     public = dict(public, participants=sums["participants"])
     diagnostics = {}
     if spec.diagnostics:
@@ -217,14 +231,14 @@ def run_round_step(cfg, plan, graphdef, loss_positions: int, mesh,
                                                cfg.optim.weight_decay)
   server_tx = make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)
   step = make_round_step(graphdef, spec, client_tx, server_tx, mesh, plan.server,
-                         cfg.mesh.ordered_aggregation)
+                         cfg.mesh.ordered_aggregation, plan.central)
   return spec, server_tx, step
 
 
 def server_update(server_tx: optax.GradientTransformation, client_dp: ClientDP | None,
                   state: RoundState, summed: PyTree, weight: jax.Array,
                   shifted_count: jax.Array | None, server_key: jax.Array,
-                  first_layer: int = 0):
+                  first_layer: int = 0, central: CentralDPSGD | None = None):
   """The server's half of a round: from the summed client updates to the next state.
 
   Shared by the one-program round (`make_round_step`) and the deployed server
@@ -232,23 +246,28 @@ def server_update(server_tx: optax.GradientTransformation, client_dp: ClientDP |
 
   Args:
     summed: without client-level DP, sum_k w_k delta_k; with it, the sum of updates clipped to
-      the state's S (`ClientDP.clip`).
+      the state's S (`ClientDP.clip`); with `central`, the sum of the participants' clipped
+      gradient sums (`client_lib.clipped_step_sum`).
     weight: sum_k w_k, the FedAvg divisor (fixed before any client replies: the sampled clients'
-      weights); unused with client-level DP (its divisor is the public p K).
+      weights; with `central` the number of participants); unused with client-level DP (its
+      divisor is the public p K).
     shifted_count: the adaptive-clipping count of `ClientDP.clip` (None without it).
     server_key: this round's server noise key (client-level DP only).
     first_layer: `lora.first_layer`: the average update is zeroed below this layer
       (post-processing: the clients' updates are zero there, only server noise is dropped).
+    central: `dp.noise_at='server'`: the example-level release happens here (`CentralDPSGD`).
 
   Returns:
     (new RoundState, public: client-level S and noised unclipped fraction where they exist, and
     whether the new LoRA is finite).
 
-  Formal guarantee: with `client_dp`, `ClientDP.release` (see there); otherwise post-processing
-  of the clients' releases.
+  Formal guarantee: with `client_dp`, `ClientDP.release`; with `central`,
+  `CentralDPSGD.release` (see there); otherwise post-processing of the clients' releases.
   """
   public, client_clip = {}, state.client_clip
-  if client_dp is None:
+  if central is not None:
+    avg_delta = central.release(jax.random.fold_in(server_key, 2), summed, weight)
+  elif client_dp is None:
     denom = jnp.maximum(weight, 1e-12)
     avg_delta = jax.tree.map(lambda d: d / denom, summed)
   else:
