@@ -33,11 +33,10 @@ deploy-demo: install-deploy
 	$(PY) -m launch.deploy_local --config configs/deploy.py --workdir runs/deploy_demo
 
 # The suite in TEST_WORKERS processes (pytest-xdist; one test file per worker at a time, so module
-# fixtures are built once; the slowest files first, in tests/conftest.py's order, not xdist's by
-# test count); TEST_WORKERS=0 runs it in this process.
+# fixtures are built once); TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 test: install-test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -35,25 +35,10 @@ def pytest_unconfigure(config):
 def pytest_collection_modifyitems(config, items):
   """Under pytest-xdist's `--dist loadgroup` (make test), each test file runs on one worker (its
   module fixtures are built once) and the deployment files share one (the simulation fixture)."""
-  groups = {}
   for item in items:
     path = item.nodeid.split("::")[0]
-    groups[item] = "deploy" if path.startswith("tests/deploy/") else path
-    item.add_marker(pytest.mark.xdist_group(groups[item]))
-  # The slowest groups first (make test's durations on 2 cores, seconds), so that the two workers
-  # finish together rather than one starting the audit last; the Makefile turns off xdist's own
-  # reordering by test count (--no-loadscope-reorder). A stable sort: each group stays in order.
-  rank = {g: i for i, g in enumerate(_SLOWEST_FIRST)}
-  items.sort(key=lambda it: rank.get(groups[it], len(rank)))
-
-
-_SLOWEST_FIRST = ("tests/test_audit.py",  # ~420: two SmolLM2 audits in one fixture
-                  "deploy",  # ~400: a Flower deployment with crashes, the in-process one
-                  "tests/test_multiprocess.py",  # ~230: two-process runs
-                  "tests/test_checkpoint.py",  # ~170: kills at every save phase
-                  "tests/dp/test_guarantees.py", "tests/federated/test_ffa.py",
-                  "tests/launch/test_sweep.py", "tests/test_memory_plan.py",
-                  "tests/dp/test_central_noise.py", "tests/federated/test_client_dp.py")
+    item.add_marker(pytest.mark.xdist_group("deploy" if path.startswith("tests/deploy/")
+                                            else path))
 
 
 def pytest_configure(config):
