@@ -135,6 +135,12 @@ class ClientSpec:
                noise_at="server" if plan.central is not None else "client")
 
 
+def full_length_buckets(spec: ClientSpec, idx: jax.Array) -> jax.Array:
+  """[S, Bmax / microbatch] bucket indices that run every microbatch at the full length."""
+  return jnp.full(idx.shape[:1] + (idx.shape[1] // spec.microbatch,),
+                  max(len(spec.buckets) - 1, 0), jnp.int32)
+
+
 def per_example_grads_sum(graphdef, spec: ClientSpec, lora, frozen, batch: dict,
                           valid: jax.Array, bucket: jax.Array | None = None):
   """Sum over valid examples of (clipped, with DP-SGD) per-example gradients, in microbatches.
@@ -255,8 +261,7 @@ def local_train(graphdef, spec: ClientSpec, tx: optax.GradientTransformation,
   opt_state = tx.init(lora)
 
   if bucket is None:
-    bucket = jnp.zeros(idx.shape[:1] + (idx.shape[1] // spec.microbatch,), jnp.int32) + max(
-        len(spec.buckets) - 1, 0)
+    bucket = full_length_buckets(spec, idx)
 
   def step(carry, xs):
     params, opt_state = carry
@@ -300,8 +305,7 @@ def clipped_step_sum(graphdef, spec: ClientSpec, lora, frozen, data: dict, idx: 
   if spec.noise_at != "server" or spec.dpsgd is None:
     raise ValueError("clipped_step_sum is the client half of dp.noise_at='server' only.")
   if bucket is None:
-    bucket = jnp.zeros(idx.shape[:1] + (idx.shape[1] // spec.microbatch,), jnp.int32) + max(
-        len(spec.buckets) - 1, 0)
+    bucket = full_length_buckets(spec, idx)
   batch = jax.tree.map(lambda a: jnp.take(a, idx[0], axis=0), data)
   g_sum, stats = per_example_grads_sum(graphdef, spec, lora, frozen, batch, valid[0], bucket[0])
   g_sum = lora_lib.zero_below(g_sum, spec.first_layer)
