@@ -13,6 +13,7 @@ import json
 
 from dplora_jax import audit, config_files
 from launch import cli
+from launch import train as train_cli
 
 
 def parse(argv):
@@ -51,4 +52,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, train_cli.ERRORS)

@@ -18,6 +18,10 @@ import sys
 from dplora_jax import checkpoint, distributed, train, workdir
 from launch import cli
 
+# What a run's workdir can refuse (written by another config, held by a live run, a replica that
+# diverged): bad input like a bad config, answered with one line by every command that trains.
+ERRORS = (checkpoint.CheckpointError, workdir.WorkdirLocked, distributed.ReplicaMismatch)
+
 
 def parse(argv):
   p = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__,
@@ -69,4 +73,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  cli.run(main, [checkpoint.CheckpointError, workdir.WorkdirLocked, distributed.ReplicaMismatch])
+  cli.run(main, ERRORS)

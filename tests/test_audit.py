@@ -99,3 +99,26 @@ def test_audit_compares_with_the_claim_that_covers_one_example(tmp_path):
         c.data.sampling, c.fed.local_steps = "shuffle", 1
         c.optim.optimizer = "sgd"
     assert audit.covering_claim(config_lib.from_config_dict(c)) == claim
+
+
+def test_audit_answers_a_held_workdir_with_one_line(tmp_path):
+  """The audit trains, so a workdir that training refuses (here: held by a live run) is bad
+  input answered like launch.train's: one `error:` line, exit status 2 (the command as run)."""
+  import socket
+  import subprocess
+  import sys
+  from dplora_jax import workdir
+  holder = subprocess.Popen(["sleep", "120"])
+  try:
+    json.dump({"pid": holder.pid, "host": socket.gethostname()},
+              open(tmp_path / workdir.LOCK, "w"))
+    p = subprocess.run([sys.executable, "-m", "launch.audit", "--config",
+                        "configs/audit.py:mode=none", "--workdir", str(tmp_path),
+                        "--canaries", "10", "--quiet"], capture_output=True, text=True,
+                       timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+  finally:
+    holder.kill()
+    holder.wait(timeout=10)
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert p.stderr.startswith("error: ") and "held by another run" in p.stderr, p.stderr[-2000:]
+  assert p.stderr.count("\n") == 1

@@ -208,12 +208,7 @@ def load_tokenizer(path_or_alias: str):
   cache = _tokenizer_cache(path)
   if cache and os.path.isfile(os.path.join(cache, "tokenizer.json")):
     return tokenizer_lib.tokenizer_from_dir(cache)
-  import gguf
-  try:
-    reader = gguf.GGUFReader(path)
-  except Exception as e:
-    raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}).") from e
-  tok = tokenizer_lib.tokenizer_from_gguf_fields(read_gguf_fields(reader), path)
+  tok = tokenizer_lib.tokenizer_from_gguf_fields(_read_gguf(path)[1], path)
   if cache:
     _save_tokenizer(tok, cache)
   return tok
@@ -376,14 +371,32 @@ def read_gguf_fields(reader) -> dict:
   return out
 
 
+_GGUF_OPEN: dict[tuple, tuple] = {}  # (path, size, mtime) -> (reader, fields); see _read_gguf
+
+
+def _read_gguf(path: str) -> tuple:
+  """(GGUFReader, its fields as python values) of `path`, parsed once per process and file
+  version: parsing the metadata (a 49k-token vocabulary) takes ~10 s, and a process may open the
+  same base model several times (a training run and its evaluation, an audit's two runs). The
+  reader memory-maps the file read-only, so sharing it shares no mutable state."""
+  import gguf
+
+  st = os.stat(path)
+  key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+  if key not in _GGUF_OPEN:
+    try:
+      reader = gguf.GGUFReader(path)
+    except Exception as e:
+      raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}).") from e
+    _GGUF_OPEN.clear()  # one file at a time: a changed or different file replaces it
+    _GGUF_OPEN[key] = (reader, read_gguf_fields(reader))
+  return _GGUF_OPEN[key]
+
+
 def _open_gguf(path, dtype, param_dtype) -> WeightSource:
   import gguf
 
-  try:
-    reader = gguf.GGUFReader(path)
-  except Exception as e:
-    raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}).") from e
-  fields = read_gguf_fields(reader)
+  reader, fields = _read_gguf(path)
   arch = fields.get("general.architecture")
   if arch not in ("llama", "qwen2"):
     raise ValueError(f"{path}: general.architecture={arch!r} is not supported; expected "
@@ -443,5 +456,4 @@ def _open_gguf(path, dtype, param_dtype) -> WeightSource:
     w = w.reshape((len(rows),) + shape[1:])
     return np.ascontiguousarray(w[(slice(None),) + tuple(index[1:])])
 
-  return WeightSource(cfg, path, [path], names, shapes, reader,
-                      lambda: tokenizer_lib.tokenizer_from_gguf_fields(fields, path))
+  return WeightSource(cfg, path, [path], names, shapes, reader, lambda: load_tokenizer(path))
