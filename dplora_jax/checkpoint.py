@@ -52,8 +52,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
-  """Dotted fields whose values differ (missing on one side counts), performance fields aside."""
-  a, b = _flatten(saved), _flatten(current)
+  """Dotted fields whose values differ, performance fields aside. A field the saved config lacks
+  was added after it was written and has its default there (the behaviour from before the field
+  existed); one the current config lacks (removed since) counts as changed."""
+  b = _flatten(current)
+  a = {k: v for k, v in _flatten(config_lib.defaults()).items() if k in b} | _flatten(saved)
   return sorted(k for k in set(a) | set(b) if k not in config_lib.RESUME_MAY_CHANGE
                 and a.get(k, "<missing>") != b.get(k, "<missing>"))
 

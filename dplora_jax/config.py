@@ -441,3 +441,14 @@ def defaults() -> dict:
 def to_dict(cfg: RunConfig) -> dict:
   """The JSON-serialisable nested dict of a RunConfig (tuples become lists)."""
   return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def defaults() -> dict:
+  """Every field's default, nested as `to_dict` writes a config (no cross-field checks: a section
+  is built alone). A field added to a section defaults to the behaviour from before it existed,
+  so a saved config that lacks it ran with this value (`checkpoint.config_changes`)."""
+  out = {}
+  for f in dataclasses.fields(RunConfig):
+    has_factory = f.default_factory is not dataclasses.MISSING
+    out[f.name] = dataclasses.asdict(f.default_factory()) if has_factory else f.default
+  return json.loads(json.dumps(out))

@@ -152,6 +152,26 @@ def test_resume_refuses_a_changed_privacy_field_and_accepts_a_changed_cadence(tm
   assert [l["round"] for l in _metrics(wd)] == [1, 2, 4]
 
 
+def test_a_field_added_since_the_checkpoint_counts_at_its_default():
+  """A checkpoint written before a field existed (its saved config lacks it) ran with the field's
+  default: resuming or exporting it is refused only if the field now differs from that default;
+  a saved field the config no longer has is a change."""
+  now = config_lib.to_dict(_cfg())
+  saved = json.loads(json.dumps(now))
+  del saved["dp"]["noise_at"], saved["lora"]["first_layer"]
+  assert checkpoint.config_changes(saved, now) == []
+  c = tiny.get_config(ARG)
+  with c.unlocked():
+    c.lora.first_layer = 1
+  assert checkpoint.config_changes(saved, config_lib.to_dict(
+      config_lib.from_config_dict(c))) == ["lora.first_layer"]
+  saved["dp"]["retired_field"] = 1
+  assert checkpoint.config_changes(saved, now) == ["dp.retired_field"]
+  # the defaults are those of a config that sets nothing
+  assert config_lib.defaults()["dp"]["noise_at"] == "client"
+  assert config_lib.defaults()["lora"]["first_layer"] == 0
+
+
 def test_changed_base_model_checksum_is_refused(reference):
   wd, _ = reference
   mgr = checkpoint.Checkpointer(wd, read_only=True)
