@@ -236,6 +236,9 @@ class FedConfig:
   weighting: str = "uniform"
   server_optimizer: str = "fedavg"  # fedavg (lr 1 = averaging) or fedadam
   server_lr: float = 1.0  # server learning rate
+  # fedavg only: heavy-ball momentum of the server step (FedAvgM, Hsu et al. 2019; 0 = plain
+  # averaging). Post-processing of the released average: no privacy cost.
+  server_momentum: float = 0.0
   # the clients of one device: map (one after another; each runs only its own microbatches, at
   # their length buckets) or vmap (batched: all run the largest client's microbatches at full
   # length; can be faster on accelerators with many small clients)
@@ -258,6 +261,10 @@ class FedConfig:
     _check(self.server_optimizer in SERVER_OPTIMIZERS, "fed.server_optimizer",
            self.server_optimizer, f"one of {SERVER_OPTIMIZERS}")
     _check(self.server_lr > 0, "fed.server_lr", self.server_lr, "> 0")
+    _check(0 <= self.server_momentum < 1, "fed.server_momentum", self.server_momentum,
+           "a number in [0, 1)")
+    _check(self.server_momentum == 0 or self.server_optimizer == "fedavg", "fed.server_momentum",
+           self.server_momentum, "0 unless fed.server_optimizer='fedavg' (fedadam has its own)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,10 +368,12 @@ class RunConfig:
       if self.optim.optimizer != "sgd":
         raise ValueError(f"optim.optimizer={self.optim.optimizer!r} with dp.mode='paper': "
                          "Algorithm 1 takes a plain SGD step; set optim.optimizer='sgd'.")
-      if fed.server_optimizer != "fedavg" or fed.server_lr != 1.0:
+      if fed.server_optimizer != "fedavg" or fed.server_lr != 1.0 or fed.server_momentum:
         raise ValueError(f"fed.server_optimizer={fed.server_optimizer!r}, fed.server_lr="
-                         f"{fed.server_lr} with dp.mode='paper': Algorithm 1 averages A and B; "
-                         "set fed.server_optimizer='fedavg' and fed.server_lr=1.0.")
+                         f"{fed.server_lr}, fed.server_momentum={fed.server_momentum} with "
+                         "dp.mode='paper': Algorithm 1 averages A and B; set "
+                         "fed.server_optimizer='fedavg', fed.server_lr=1.0 and "
+                         "fed.server_momentum=0.")
       if self.data.sampling != "shuffle":
         raise ValueError(f"data.sampling={self.data.sampling!r} with dp.mode='paper': Algorithm 1 "
                          "takes a batch of exactly B examples; set data.sampling='shuffle'.")

@@ -32,7 +32,7 @@ def load_trained(workdir: str):
     ckpt_lib.check_resumable(meta, cfg, fingerprint, os.path.join(ckpt.directory, str(latest)))
     build.attach_lora(model, cfg)
     graphdef, lora, frozen = lora_lib.split(model)
-    server_tx = round_lib.make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)
+    server_tx = round_lib.server_optimizer(cfg.fed)
     target = ckpt_lib.state_tree(round_lib.init_state(lora, server_tx))
     tree = ckpt.restore_state(latest, target)
     model = lora_lib.merge(graphdef, tree["lora"], frozen)

@@ -147,7 +147,7 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
   build_lib.attach_lora(model, cfg)
   factor_bytes = lora_lib.factor_bytes(model)
   graphdef, lora, frozen = lora_lib.split(model)
-  server_tx = round_lib.make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)
+  server_tx = round_lib.server_optimizer(cfg.fed)
   state = round_lib.init_state(lora, server_tx, cfg.dp.client_clip_norm)
   a_frozen = build_lib.effective_lora(cfg).freeze_a
   comm = Communication(lora_lib.nbytes(lora), full_model_bytes,

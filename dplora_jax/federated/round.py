@@ -73,13 +73,23 @@ def frozen_shardings(mesh, frozen: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(one, frozen)
 
 
-def make_server_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-  """FedAvg (SGD on the negated average delta; lr 1 = plain averaging) or FedAdam."""
+def make_server_optimizer(name: str, learning_rate: float,
+                          momentum: float = 0.0) -> optax.GradientTransformation:
+  """FedAvg (SGD on the negated average delta; lr 1 = plain averaging; with `momentum`, FedAvgM)
+  or FedAdam."""
   if name == "fedavg":
-    return optax.sgd(learning_rate)
+    return optax.sgd(learning_rate, momentum=momentum or None)
+  if momentum:
+    raise ValueError(f"fed.server_momentum={momentum} with fed.server_optimizer={name!r}; "
+                     "momentum is for 'fedavg'.")
   if name == "fedadam":
     return optax.adam(learning_rate, b1=0.9, b2=0.99, eps=1e-3)
   raise ValueError(f"fed.server_optimizer={name!r}; expected 'fedavg' or 'fedadam'.")
+
+
+def server_optimizer(fed) -> optax.GradientTransformation:
+  """The server optimizer a run's `fed` config names."""
+  return make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum)
 
 
 def init_state(lora: PyTree, server_tx: optax.GradientTransformation,
@@ -229,7 +239,7 @@ def run_round_step(cfg, plan, graphdef, loss_positions: int, mesh,
                                example_axis=FSDP)
   client_tx = client_lib.make_client_optimizer(cfg.optim.optimizer, cfg.optim.learning_rate,
                                                cfg.optim.weight_decay)
-  server_tx = make_server_optimizer(cfg.fed.server_optimizer, cfg.fed.server_lr)
+  server_tx = server_optimizer(cfg.fed)
   step = make_round_step(graphdef, spec, client_tx, server_tx, mesh, plan.server,
                          cfg.mesh.ordered_aggregation, plan.central)
   return spec, server_tx, step

@@ -12,12 +12,12 @@ from tests import tiny
 
 
 def _setup(num_clients=8, n=6, steps=1, bmax=4, private=True, sigma=1.0, clip=0.1, lr=0.5,
-           devices=1, weights=None, diagnostics=False):
+           devices=1, weights=None, diagnostics=False, server_tx=None):
   graphdef, lora, frozen = tiny.model_and_lora()
   spec = tiny.client_spec("sample" if private else "none", clip=clip, sigma=sigma, divisor=3,
                           microbatch=2, steps=steps, diagnostics=diagnostics)
   mesh = round_lib.make_mesh(devices)
-  server_tx = round_lib.make_server_optimizer("fedavg", 1.0)
+  server_tx = server_tx or round_lib.make_server_optimizer("fedavg", 1.0)
   step = round_lib.make_round_step(graphdef, spec, optax.sgd(lr), server_tx, mesh)
   rng = np.random.default_rng(0)
   idx = rng.integers(0, n, (num_clients, steps, bmax)).astype(np.int32)
@@ -95,6 +95,26 @@ def test_hand_computed_two_client_non_private_round():
     want_delta = jax.tree.map(lambda d, gi: d + (w / 8.0) * (-0.3 * gi), want_delta, g)
   for a, l, d in zip(_leaves(out.lora), _leaves(lora), _leaves(want_delta)):
     np.testing.assert_allclose(a, l + d, atol=1e-6)
+
+
+def test_server_momentum_is_fedavgm():
+  """fed.server_momentum m: the second round's step is the plain average's plus m times the first
+  round's (heavy ball on the negated average delta; the first round equals plain averaging)."""
+  plain = _setup(num_clients=2, private=False, lr=0.3)
+  mom = _setup(num_clients=2, private=False, lr=0.3,
+               server_tx=round_lib.make_server_optimizer("fedavg", 1.0, momentum=0.5))
+  (step_p, s_p, args_p, (_, lora0, _, _)), (step_m, s_m, args_m, _) = plain, mom
+  s_p1, _ = step_p(s_p, **args_p)
+  s_m1, _ = step_m(s_m, **args_m)
+  for a, b in zip(_leaves(s_p1.lora), _leaves(s_m1.lora)):
+    np.testing.assert_allclose(a, b, atol=1e-7)
+  lora1 = _leaves(s_p1.lora)
+  s_p2, _ = step_p(s_p1, **args_p)
+  s_m2, _ = step_m(s_m1, **args_m)
+  for p2, m2, l1, l0 in zip(_leaves(s_p2.lora), _leaves(s_m2.lora), lora1, _leaves(lora0)):
+    np.testing.assert_allclose(m2, p2 + 0.5 * (l1 - l0), atol=1e-6)
+  with pytest.raises(ValueError, match="fed.server_momentum=0.9"):
+    round_lib.make_server_optimizer("fedadam", 0.01, momentum=0.9)
 
 
 def test_one_client_equals_centralized_sgd():
