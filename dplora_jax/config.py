@@ -22,6 +22,7 @@ PARTITIONS = ("iid", "dirichlet", "field")
 AGGREGATIONS = ("fedavg", "ffa")
 WEIGHTINGS = ("examples", "uniform")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam")
+SERVER_LR_DECAYS = ("constant", "cosine")
 CLIENT_OPTIMIZERS = ("sgd", "adamw")
 SAMPLINGS = ("poisson", "shuffle")
 
@@ -239,6 +240,10 @@ class FedConfig:
   # fedavg only: heavy-ball momentum of the server step (FedAvgM, Hsu et al. 2019; 0 = plain
   # averaging). Post-processing of the released average: no privacy cost.
   server_momentum: float = 0.0
+  # the server learning rate over the rounds: constant, or cosine from server_lr to 0 at the
+  # last round (under clipping every step has about the same length, so without a decay the
+  # model oscillates around what it has learnt; post-processing: no privacy cost)
+  server_lr_decay: str = "constant"
   # the clients of one device: map (one after another; each runs only its own microbatches, at
   # their length buckets) or vmap (batched: all run the largest client's microbatches at full
   # length; can be faster on accelerators with many small clients)
@@ -261,6 +266,8 @@ class FedConfig:
     _check(self.server_optimizer in SERVER_OPTIMIZERS, "fed.server_optimizer",
            self.server_optimizer, f"one of {SERVER_OPTIMIZERS}")
     _check(self.server_lr > 0, "fed.server_lr", self.server_lr, "> 0")
+    _check(self.server_lr_decay in SERVER_LR_DECAYS, "fed.server_lr_decay", self.server_lr_decay,
+           f"one of {SERVER_LR_DECAYS}")
     _check(0 <= self.server_momentum < 1, "fed.server_momentum", self.server_momentum,
            "a number in [0, 1)")
     _check(self.server_momentum == 0 or self.server_optimizer == "fedavg", "fed.server_momentum",
@@ -368,12 +375,14 @@ class RunConfig:
       if self.optim.optimizer != "sgd":
         raise ValueError(f"optim.optimizer={self.optim.optimizer!r} with dp.mode='paper': "
                          "Algorithm 1 takes a plain SGD step; set optim.optimizer='sgd'.")
-      if fed.server_optimizer != "fedavg" or fed.server_lr != 1.0 or fed.server_momentum:
+      if (fed.server_optimizer != "fedavg" or fed.server_lr != 1.0 or fed.server_momentum
+          or fed.server_lr_decay != "constant"):
         raise ValueError(f"fed.server_optimizer={fed.server_optimizer!r}, fed.server_lr="
-                         f"{fed.server_lr}, fed.server_momentum={fed.server_momentum} with "
-                         "dp.mode='paper': Algorithm 1 averages A and B; set "
-                         "fed.server_optimizer='fedavg', fed.server_lr=1.0 and "
-                         "fed.server_momentum=0.")
+                         f"{fed.server_lr}, fed.server_momentum={fed.server_momentum}, "
+                         f"fed.server_lr_decay={fed.server_lr_decay!r} with dp.mode='paper': "
+                         "Algorithm 1 averages A and B; set fed.server_optimizer='fedavg', "
+                         "fed.server_lr=1.0, fed.server_momentum=0 and "
+                         "fed.server_lr_decay='constant'.")
       if self.data.sampling != "shuffle":
         raise ValueError(f"data.sampling={self.data.sampling!r} with dp.mode='paper': Algorithm 1 "
                          "takes a batch of exactly B examples; set data.sampling='shuffle'.")

@@ -41,6 +41,7 @@ def test_demo_and_tiny_configs_convert():
     (dict(fed__aggregation="median"), "fed.aggregation='median'"),
     (dict(fed__server_optimizer="fedyogi"), "fed.server_optimizer='fedyogi'"),
     (dict(fed__server_momentum=1.0), "fed.server_momentum=1.0"),
+    (dict(fed__server_lr_decay="step"), "fed.server_lr_decay='step'"),
     (dict(fed__server_momentum=0.9, fed__server_optimizer="fedadam"), "fed.server_momentum=0.9"),
     (dict(fed__client_rate=0.0), "fed.client_rate=0.0"),
     (dict(fed__partition="shards"), "fed.partition='shards'"),

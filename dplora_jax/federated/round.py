@@ -73,10 +73,16 @@ def frozen_shardings(mesh, frozen: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(one, frozen)
 
 
-def make_server_optimizer(name: str, learning_rate: float,
-                          momentum: float = 0.0) -> optax.GradientTransformation:
+def make_server_optimizer(name: str, learning_rate: float, momentum: float = 0.0,
+                          decay: str = "constant",
+                          rounds: int = 1) -> optax.GradientTransformation:
   """FedAvg (SGD on the negated average delta; lr 1 = plain averaging; with `momentum`, FedAvgM)
-  or FedAdam."""
+  or FedAdam; `decay='cosine'`: the learning rate falls from `learning_rate` in round 1 to 0
+  after round `rounds` (the optimizer's own count is the round)."""
+  if decay == "cosine":
+    learning_rate = optax.cosine_decay_schedule(learning_rate, decay_steps=rounds)
+  elif decay != "constant":
+    raise ValueError(f"fed.server_lr_decay={decay!r}; expected 'constant' or 'cosine'.")
   if name == "fedavg":
     return optax.sgd(learning_rate, momentum=momentum or None)
   if momentum:
@@ -89,7 +95,8 @@ def make_server_optimizer(name: str, learning_rate: float,
 
 def server_optimizer(fed) -> optax.GradientTransformation:
   """The server optimizer a run's `fed` config names."""
-  return make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum)
+  return make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum,
+                               fed.server_lr_decay, fed.rounds)
 
 
 def init_state(lora: PyTree, server_tx: optax.GradientTransformation,

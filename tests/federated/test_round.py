@@ -117,6 +117,26 @@ def test_server_momentum_is_fedavgm():
     round_lib.make_server_optimizer("fedadam", 0.01, momentum=0.9)
 
 
+def test_cosine_server_lr_decay_scales_each_rounds_step():
+  """fed.server_lr_decay='cosine' over 3 rounds: round t's step is the plain average's from the
+  same LoRA times (1 + cos(pi t / 3)) / 2 (t = 0, 1, 2)."""
+  step_p, _, args_p, _ = _setup(num_clients=2, private=False, lr=0.3)
+  step_d, s_d, args_d, _ = _setup(
+      num_clients=2, private=False, lr=0.3,
+      server_tx=round_lib.make_server_optimizer("fedavg", 1.0, decay="cosine", rounds=3))
+  mesh, plain_tx = round_lib.make_mesh(1), round_lib.make_server_optimizer("fedavg", 1.0)
+  for t in range(3):
+    before = _leaves(s_d.lora)
+    want, _ = step_p(round_lib.replicate(mesh, round_lib.init_state(s_d.lora, plain_tx)),
+                     **args_p)
+    s_d, _ = step_d(s_d, **args_d)
+    factor = (1 + np.cos(np.pi * t / 3)) / 2
+    for b, w, g in zip(before, _leaves(want.lora), _leaves(s_d.lora)):
+      np.testing.assert_allclose(g, b + factor * (w - b), atol=1e-6, err_msg=f"round {t}")
+  with pytest.raises(ValueError, match="fed.server_lr_decay='step'"):
+    round_lib.make_server_optimizer("fedavg", 1.0, decay="step")
+
+
 def test_one_client_equals_centralized_sgd():
   steps = 3
   step, state, args, (graphdef, lora, frozen, spec) = _setup(
