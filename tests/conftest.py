@@ -8,6 +8,12 @@ import tempfile
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
+# LLVM -O1 for XLA:CPU's generated code: most tests run tiny programs once, so compiling is most
+# of their time (a tiny round's set-up and compile: ~33 s at the default level, ~18 s at 1, this
+# machine), while SmolLM2's step is its library matmuls (4.2 s at both levels). Execution only:
+# the programs and their semantics are the same; the processes tests start inherit the flag.
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The first process of a run (pytest itself, or the xdist controller) makes the cache directory;
