@@ -103,6 +103,23 @@ def load_points(config_spec: str) -> list[Point]:
   return points
 
 
+def select(points: list[Point], only: list[str]) -> list[Point]:
+  """The points whose name holds every `key=value` of `only` (parts of the name, e.g.
+  `task=piqa`); all of them when `only` is empty.
+
+  Raises:
+    ValueError: an entry is not key=value, or no point matches.
+  """
+  for o in only:
+    if o.count("=") != 1 or not all(o.split("=")):
+      raise ValueError(f"--only {o!r}: expected KEY=VALUE as in the point names (--list).")
+  chosen = [p for p in points if set(only) <= set(p.name.split(","))]
+  if not chosen:
+    raise ValueError(f"--only {' '.join(only)} matches none of the {len(points)} points; their "
+                     f"names: {', '.join(p.name for p in points[:4])}{', ...' * (len(points) > 4)}")
+  return chosen
+
+
 def _text(v) -> str:
   if isinstance(v, (tuple, list)):
     return ",".join(str(x) for x in v)

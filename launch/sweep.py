@@ -5,7 +5,8 @@
 
 Rerunning skips finished points and resumes killed ones from their checkpoints. DIR gets
 points/NAME/ (each a launch.train workdir with its log.txt), results.csv, results.md,
-utility_vs_eps.png, bytes_vs_rank.png and rounds.png. --list prints the points and exits.
+utility_vs_eps.png, bytes_vs_rank.png and rounds.png. --list prints the points and exits;
+--only task=piqa runs (and tabulates) only the points whose name has that part.
 """
 
 import argparse
@@ -21,12 +22,15 @@ def main(argv=None) -> int:
   p.add_argument("--config", required=True, help="config file with get_config() and sweep()")
   p.add_argument("--workdir", required=True, help="the sweep's directory")
   p.add_argument("--parallel", type=int, default=1, help="points run at once (processes)")
+  p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                 help="run only the points whose name has this part (e.g. task=piqa); "
+                      "repeatable (all must match)")
   p.add_argument("--list", action="store_true", help="print the points and exit")
   p.add_argument("--debug", action="store_true", help="show the traceback of an error")
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
   if args.parallel < 1:
     raise ValueError(f"--parallel={args.parallel}; expected >= 1.")
-  points = sweep.load_points(args.config)
+  points = sweep.select(sweep.load_points(args.config), args.only)
   if args.list:
     for pt in points:
       print(pt.name, pt.overrides)

@@ -77,3 +77,18 @@ def test_a_bad_sweep_is_one_clear_line(tmp_path):
                              "(closest: dp.target_epsilon")
   with pytest.raises(ValueError, match="axis 'a': expected a non-empty list"):
     sweep.expand({"a": []})
+
+
+def test_only_selects_points_by_name_part(capsys):
+  from launch import sweep as sweep_cli
+  assert sweep_cli.main(["--config", "configs/general.py", "--workdir", "unused", "--list",
+                         "--only", "task=piqa", "--only", "aggregation=ffa"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert [l.split()[0] for l in lines] == ["task=piqa,mode=none,learning_rate=0.2,aggregation=ffa",
+                                           "task=piqa,target_epsilon=8,aggregation=ffa"]
+  points = sweep.expand(_grid())
+  with pytest.raises(ValueError, match="--only task=nope matches none of the 4 points"):
+    sweep.select(points, ["task=nope"])
+  with pytest.raises(ValueError, match="expected KEY=VALUE"):
+    sweep.select(points, ["piqa"])
+  assert sweep.select(points, []) == points
