@@ -30,7 +30,11 @@ def test_zero_b_is_exactly_base(cfg, targets):
   base = np.asarray(model(TOKENS))
   lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=4, targets=targets), jax.random.key(0))
   graphdef, lora, frozen = lora_lib.split(model)
-  np.testing.assert_array_equal(np.asarray(lora_lib.apply(graphdef, lora, frozen, TOKENS)), base)
+  got = np.asarray(lora_lib.apply(graphdef, lora, frozen, TOKENS))
+  # the base model's function, but a different compiled layer (the adapted projections apart from
+  # the fused ones): equal up to float rounding (bitwise at XLA:CPU's default codegen, 4e-8 apart
+  # at the tests' -O1, tests/conftest.py); a LoRA that changed the output would be far above this
+  np.testing.assert_allclose(got, base, rtol=1e-6, atol=1e-7)
   # A is random, B is zero.
   for path, x in jax.tree_util.tree_flatten_with_path(lora.to_pure_dict())[0]:
     name = path[-1].key
