@@ -37,14 +37,14 @@ def step_flops(cfg, batch: int, seq: int, head_positions: int, rank: int,
 
 
 def matmul_peak_jax(sizes=((1024, 576, 1536), (1024, 1536, 576), (2048, 2048, 2048)),
-                    seconds: float = 2.0) -> float:
-  """The best float32 FLOP/s of XLA:CPU matmuls of the model's and a square shape."""
+                    seconds: float = 2.0, dtype: str = "float32") -> float:
+  """The best FLOP/s of XLA matmuls (default device) of the model's and a square shape."""
   import jax
   import jax.numpy as jnp
   best = 0.0
   for m, k, n in sizes:
-    a = jnp.ones((m, k), jnp.float32)
-    b = jnp.ones((k, n), jnp.float32)
+    a = jnp.ones((m, k), dtype)
+    b = jnp.ones((k, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
     f(a, b).block_until_ready()
     reps, t0 = 0, time.perf_counter()

@@ -2,6 +2,7 @@
 
   python -m benchmarks.jax_step --workload demo [--dp] [--batch 8] [--seq 128] [--rank 8]
       [--microbatch 8] [--remat] [--attention einsum|dot_product] [--dtype float32]
+      [--param-dtype float32] [--model PATH|ALIAS|random:llama-1b]
 
 Non-private: jax.grad of the batch-mean loss. DP: per-example gradients (vmap) in microbatches,
 per-example clipping to C = 1 over the whole LoRA tree, Gaussian noise sigma = 1, divided by B
@@ -28,7 +29,9 @@ def add_step_args(p):
   """The flags that choose the step (shared with `benchmarks.profile_step`)."""
   workloads.add_shape_args(p)
   p.add_argument("--microbatch", type=int, default=8)
-  p.add_argument("--dtype", default="float32")
+  p.add_argument("--dtype", default="float32", help="the matmuls' dtype")
+  p.add_argument("--param-dtype", default="float32", help="the frozen weights' storage dtype "
+                 "(LoRA factors are always float32)")
   p.add_argument("--remat", action="store_true")
   p.add_argument("--remat-policy", default="nothing", choices=("nothing", "dots"))
   p.add_argument("--attention", default="einsum")
@@ -41,7 +44,13 @@ def add_step_args(p):
 
 def build_step(args):
   """(the jitted step, its arguments, the loaded model) of `add_step_args`' flags."""
-  loaded = models.load_model(args.model, dtype=args.dtype, with_tokenizer=False)
+  if args.model.startswith("random:"):
+    arch = workloads.random_model_config(args.model[len("random:"):], dtype=args.dtype,
+                                         param_dtype=args.param_dtype)
+    loaded = models.LoadedModel(models.build_model(arch), arch, None, args.model, "")
+  else:
+    loaded = models.load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype,
+                               with_tokenizer=False)
   model = models.configure_execution(loaded.model, attention=args.attention, remat=args.remat,
                                      remat_policy=args.remat_policy)
   lora_lib.add_lora(model, lora_lib.LoRAConfig(rank=args.rank, first_layer=args.first_layer),
@@ -84,6 +93,8 @@ def main():
       "compile_s": compile_s, "useful_flops": useful,
       "xla_flops": float((cost or {}).get("flops", float("nan"))),
       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "device_peak_mib": (jax.devices()[0].memory_stats() or {}).get(
+          "peak_bytes_in_use", float("nan")) / 2**20,
       "device": jax.devices()[0].device_kind}))
 
 

@@ -11,6 +11,26 @@ import numpy as np
 
 WORKLOADS = ("demo", "full")
 
+# Random-init architectures for `--model random:NAME` (no weights read: the step's cost depends on
+# the shapes only). llama-1b is Llama-3.2-1B's shape (the issue's "1B-class" model); tiny is for
+# smoke checks on a CPU.
+RANDOM_SHAPES = {
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
+                     num_kv_heads=8, head_dim=64, intermediate_size=8192, rope_theta=500000.0,
+                     tie_embeddings=True, max_position_embeddings=131072),
+    "tiny": dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16, intermediate_size=128, tie_embeddings=True),
+}
+
+
+def random_model_config(name: str, *, dtype: str, param_dtype: str):
+  """The ModelConfig of `random:NAME` (a Llama of RANDOM_SHAPES[NAME])."""
+  from dplora_jax.models import ModelConfig
+  if name not in RANDOM_SHAPES:
+    raise ValueError(f"--model random:{name}; expected one of "
+                     f"{['random:' + k for k in RANDOM_SHAPES]}.")
+  return ModelConfig(family="llama", dtype=dtype, param_dtype=param_dtype, **RANDOM_SHAPES[name])
+
 
 def batch(workload: str, vocab: int, b: int, t: int, seed: int = 0) -> dict:
   """dict of numpy arrays: tokens, mask, targets [b, t] and loss_mask [b, t] (bool)."""
@@ -36,7 +56,8 @@ def head_positions(workload: str, t: int) -> int:
 def add_shape_args(parser, model: bool = True):
   """The flags every benchmark script shares (model, workload, shape, repeats)."""
   if model:
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="a path or alias, or random:NAME (%s)" % ", ".join(RANDOM_SHAPES))
   parser.add_argument("--workload", default="demo", choices=WORKLOADS)
   parser.add_argument("--dp", action="store_true")
   parser.add_argument("--batch", type=int, default=8)

@@ -25,3 +25,28 @@ def test_a_traced_matmul_is_found_in_the_hlo_with_its_flops():
   matmuls = [n for n, i in traced.items() if profile_step.category(i) == "matmul"]
   assert matmuls and wall > 0
   assert sum(profile_step.dot_flops(hlo[n], hlo) for n in matmuls) == 2 * 64 * 32 * 48
+
+
+def test_the_accelerator_step_is_bfloat16_with_float32_lora():
+  """benchmarks.accelerator's rows: a random-init Llama of a named shape, base stored and
+  multiplied in bfloat16, and the DP step returns float32, finite, moved LoRA factors."""
+  import argparse
+
+  import numpy as np
+
+  from benchmarks import jax_step
+  p = argparse.ArgumentParser()
+  jax_step.add_step_args(p)
+  args = p.parse_args(["--model", "random:tiny", "--dp", "--batch", "2", "--seq", "16",
+                       "--microbatch", "2", "--dtype", "bfloat16", "--param-dtype", "bfloat16",
+                       "--attention", "dot_product"])
+  fn, (lora, frozen, batch, key), loaded = jax_step.build_step(args)
+  assert loaded.config.dtype == "bfloat16" and loaded.config.hidden_size == 64
+  kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(frozen)
+             if getattr(path[-2], "key", None) in ("kernel", "embedding")]
+  assert kernels and {x.dtype for x in kernels} == {jnp.bfloat16.dtype}
+  out = fn(lora, frozen, batch, key)
+  leaves, before = jax.tree.leaves(out), jax.tree.leaves(lora)
+  assert {x.dtype for x in leaves} == {jnp.float32.dtype}
+  assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(leaves, before))
