@@ -15,25 +15,34 @@ import time
 
 
 def step_flops(cfg, batch: int, seq: int, head_positions: int, rank: int,
-               targets=("q", "k", "v")) -> float:
+               targets=("q", "k", "v"), first_layer: int = 0, cached_prefix: bool = False
+               ) -> float:
   """Useful FLOPs of one LoRA training step on `batch` x `seq` tokens (see module docstring).
 
   `cfg` is a dplora_jax ModelConfig; `head_positions` are the positions per example whose logits
-  are computed (seq for a full-sequence loss).
+  are computed (seq for a full-sequence loss). With `first_layer` s > 0 (`lora.first_layer`) the
+  backward pass and LoRA's weight gradients cover layers s..L-1 only; with `cached_prefix` the
+  forward pass does too (the frozen layers' output is read, not computed).
   """
   d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
   shapes = {"q": (d, cfg.num_heads * hd), "k": (d, cfg.num_kv_heads * hd),
             "v": (d, cfg.num_kv_heads * hd), "o": (cfg.num_heads * hd, d),
             "gate": (d, f), "up": (d, f), "down": (f, d)}
+  if not 0 <= first_layer < cfg.num_layers:
+    raise ValueError(f"first_layer={first_layer}; expected 0 <= it < {cfg.num_layers}.")
   tokens = batch * seq
+  trained = cfg.num_layers - first_layer
+  forward_layers = trained if cached_prefix else cfg.num_layers
   per_layer = sum(a * b for a, b in shapes.values())
-  frozen_fwd = 2 * tokens * per_layer * cfg.num_layers
-  attention_fwd = 2 * 2 * batch * seq * seq * cfg.num_heads * hd * cfg.num_layers
+  layer_fwd = 2 * tokens * per_layer + 2 * 2 * batch * seq * seq * cfg.num_heads * hd
+  lora_layer_fwd = sum(2 * tokens * rank * (a + b) for n, (a, b) in shapes.items()
+                       if n in targets)
   head_fwd = 2 * batch * head_positions * d * cfg.vocab_size
-  lora_fwd = sum(2 * tokens * rank * (a + b) for n, (a, b) in shapes.items()
-                 if n in targets) * cfg.num_layers
-  # backward: activation grads of everything (= forward), weight grads of LoRA only (= LoRA fwd)
-  return 2 * (frozen_fwd + attention_fwd + head_fwd + lora_fwd) + lora_fwd
+  forward = forward_layers * (layer_fwd + lora_layer_fwd) + head_fwd
+  # backward: activation grads of the trained layers and the head (= their forward), weight
+  # grads of their LoRA factors only (= LoRA's forward)
+  backward = trained * (layer_fwd + 2 * lora_layer_fwd) + head_fwd
+  return forward + backward
 
 
 def matmul_peak_jax(sizes=((1024, 576, 1536), (1024, 1536, 576), (2048, 2048, 2048)),

@@ -86,7 +86,8 @@ def main():
     jax.block_until_ready(compiled(*inputs))
     times.append(time.perf_counter() - t0)
   useful = flops_lib.step_flops(loaded.config, b, t, workloads.head_positions(args.workload, t),
-                                args.rank)
+                                args.rank, first_layer=args.first_layer,
+                                cached_prefix=args.cache_prefix)
   print(json.dumps({
       "impl": "jax", "dp": args.dp, "workload": args.workload, "step_s": float(np.median(times)),
       "first_layer": args.first_layer, "cache_prefix": args.cache_prefix,

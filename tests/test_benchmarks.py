@@ -50,3 +50,22 @@ def test_the_accelerator_step_is_bfloat16_with_float32_lora():
   assert {x.dtype for x in leaves} == {jnp.float32.dtype}
   assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
   assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(leaves, before))
+
+
+def test_useful_flops_by_hand_and_with_only_the_top_layers_trained():
+  from benchmarks import flops
+  from dplora_jax.models import ModelConfig
+  cfg = ModelConfig(family="llama", vocab_size=10, hidden_size=4, num_layers=3, num_heads=2,
+                    num_kv_heads=1, head_dim=2, intermediate_size=8)
+  b, t, r = 2, 5, 1
+  # per layer and token: q 4x4, k 4x2, v 4x2, o 4x4, gate/up 4x8, down 8x4 = 144 MACs;
+  # attention 2 products of t x t x (heads x head_dim); LoRA r(4+4) + r(4+2) + r(4+2) = 20 MACs
+  layer = 2 * b * t * 144 + 4 * b * t * t * 4
+  lora = 2 * b * t * 20
+  head = 2 * b * 1 * 4 * 10
+  assert flops.step_flops(cfg, b, t, 1, r) == 3 * (2 * layer + 3 * lora) + 2 * head
+  # top layer only: the forward still runs all 3 layers, the backward one
+  assert flops.step_flops(cfg, b, t, 1, r, first_layer=2) == (
+      3 * (layer + lora) + head + (layer + 2 * lora) + head)
+  assert flops.step_flops(cfg, b, t, 1, r, first_layer=2, cached_prefix=True) == (
+      (layer + lora) + head + (layer + 2 * lora) + head)
