@@ -244,6 +244,10 @@ class FedConfig:
   # last round (under clipping every step has about the same length, so without a decay the
   # model oscillates around what it has learnt; post-processing: no privacy cost)
   server_lr_decay: str = "constant"
+  # fedadam only: its epsilon, the "degree of adaptivity" tau of Reddi et al. 2021 (they tune it
+  # in 1e-5..1e-1); under DP it should sit near the per-coordinate noise of the average update,
+  # or the normalisation amplifies noise in coordinates that carry no signal
+  server_adam_eps: float = 1e-3
   # the clients of one device: map (one after another; each runs only its own microbatches, at
   # their length buckets) or vmap (batched: all run the largest client's microbatches at full
   # length; can be faster on accelerators with many small clients)
@@ -272,6 +276,10 @@ class FedConfig:
            "a number in [0, 1)")
     _check(self.server_momentum == 0 or self.server_optimizer == "fedavg", "fed.server_momentum",
            self.server_momentum, "0 unless fed.server_optimizer='fedavg' (fedadam has its own)")
+    _check(self.server_adam_eps > 0, "fed.server_adam_eps", self.server_adam_eps, "> 0")
+    _check(self.server_adam_eps == 1e-3 or self.server_optimizer == "fedadam",
+           "fed.server_adam_eps", self.server_adam_eps,
+           "the default 1e-3 unless fed.server_optimizer='fedadam' (fedavg has no epsilon)")
 
 
 @dataclasses.dataclass(frozen=True)

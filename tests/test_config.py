@@ -43,6 +43,8 @@ def test_demo_and_tiny_configs_convert():
     (dict(fed__server_momentum=1.0), "fed.server_momentum=1.0"),
     (dict(fed__server_lr_decay="step"), "fed.server_lr_decay='step'"),
     (dict(fed__server_momentum=0.9, fed__server_optimizer="fedadam"), "fed.server_momentum=0.9"),
+    (dict(fed__server_adam_eps=0.0, fed__server_optimizer="fedadam"), "fed.server_adam_eps=0.0"),
+    (dict(fed__server_adam_eps=1e-5), "fed.server_adam_eps=1e-05"),  # fedavg has no epsilon
     (dict(fed__client_rate=0.0), "fed.client_rate=0.0"),
     (dict(fed__partition="shards"), "fed.partition='shards'"),
     (dict(fed__num_clients=0), "fed.num_clients=0"),

@@ -74,11 +74,12 @@ def frozen_shardings(mesh, frozen: PyTree) -> PyTree:
 
 
 def make_server_optimizer(name: str, learning_rate: float, momentum: float = 0.0,
-                          decay: str = "constant",
-                          rounds: int = 1) -> optax.GradientTransformation:
+                          decay: str = "constant", rounds: int = 1,
+                          adam_eps: float = 1e-3) -> optax.GradientTransformation:
   """FedAvg (SGD on the negated average delta; lr 1 = plain averaging; with `momentum`, FedAvgM)
-  or FedAdam; `decay='cosine'`: the learning rate falls from `learning_rate` in round 1 to 0
-  after round `rounds` (the optimizer's own count is the round)."""
+  or FedAdam (b1 0.9, b2 0.99, epsilon `adam_eps`: Reddi et al.'s tau); `decay='cosine'`: the
+  learning rate falls from `learning_rate` in round 1 to 0 after round `rounds` (the optimizer's
+  own count is the round)."""
   if decay == "cosine":
     learning_rate = optax.cosine_decay_schedule(learning_rate, decay_steps=rounds)
   elif decay != "constant":
@@ -89,14 +90,14 @@ def make_server_optimizer(name: str, learning_rate: float, momentum: float = 0.0
     raise ValueError(f"fed.server_momentum={momentum} with fed.server_optimizer={name!r}; "
                      "momentum is for 'fedavg'.")
   if name == "fedadam":
-    return optax.adam(learning_rate, b1=0.9, b2=0.99, eps=1e-3)
+    return optax.adam(learning_rate, b1=0.9, b2=0.99, eps=adam_eps)
   raise ValueError(f"fed.server_optimizer={name!r}; expected 'fedavg' or 'fedadam'.")
 
 
 def server_optimizer(fed) -> optax.GradientTransformation:
   """The server optimizer a run's `fed` config names."""
   return make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum,
-                               fed.server_lr_decay, fed.rounds)
+                               fed.server_lr_decay, fed.rounds, fed.server_adam_eps)
 
 
 def init_state(lora: PyTree, server_tx: optax.GradientTransformation,

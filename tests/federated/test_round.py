@@ -117,6 +117,19 @@ def test_server_momentum_is_fedavgm():
     round_lib.make_server_optimizer("fedadam", 0.01, momentum=0.9)
 
 
+def test_fedadam_epsilon_is_the_configured_tau():
+  """fed.server_adam_eps reaches the server optimizer: Adam's first step on an average delta d
+  is lr d / (|d| + tau) per coordinate (bias-corrected moments equal d and d^2)."""
+  from dplora_jax import config as config_lib
+  d = {"b": jnp.array([1e-3, -2e-2, 0.5])}
+  for tau in (1e-3, 1e-1):
+    fed = config_lib.FedConfig(server_optimizer="fedadam", server_lr=0.1, server_adam_eps=tau)
+    tx = round_lib.server_optimizer(fed)
+    grad = jax.tree.map(jnp.negative, d)  # the server descends on the negated average delta
+    upd, _ = tx.update(grad, tx.init(d), d)
+    np.testing.assert_allclose(upd["b"], 0.1 * d["b"] / (jnp.abs(d["b"]) + tau), rtol=1e-5)
+
+
 def test_cosine_server_lr_decay_scales_each_rounds_step():
   """fed.server_lr_decay='cosine' over 3 rounds: round t's step is the plain average's from the
   same LoRA times (1 + cos(pi t / 3)) / 2 (t = 0, 1, 2)."""
