@@ -1,7 +1,8 @@
 """The accelerator goal of issue 11: a bfloat16 DP step with float32 LoRA, its MFU and its ratio to
-the non-private step, on SmolLM2-135M and a 1B-class (Llama-3.2-1B-shaped, random-init) Llama.
+the non-private step, on SmolLM2-135M's shape and a 1B-class (Llama-3.2-1B-shaped) Llama, both
+random-init by default (the device machine holds no model files; SmolLM2's GGUF is 98 MB).
 
-  python -m benchmarks.accelerator [--models smollm2-135m-instruct,random:llama-1b]
+  python -m benchmarks.accelerator [--models random:smollm2-135m,random:llama-1b]
       [--workload full] [--batch 16] [--seq 512] [--rank 8] [--microbatch 16] [--repeats 5]
       [--peak-tflops X] [--json out.json]
 
@@ -51,7 +52,9 @@ def measured_peak(seconds: float = 2.0) -> dict:
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--models", default="smollm2-135m-instruct,random:llama-1b")
+  p.add_argument("--models", default="random:smollm2-135m,random:llama-1b",
+                 help="comma-separated; random:NAME needs no weights (the step's cost depends "
+                      "on the shapes only), a path or alias loads real weights")
   p.add_argument("--workload", default="full", choices=("demo", "full"))
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--seq", type=int, default=512)

@@ -12,9 +12,12 @@ import numpy as np
 WORKLOADS = ("demo", "full")
 
 # Random-init architectures for `--model random:NAME` (no weights read: the step's cost depends on
-# the shapes only). llama-1b is Llama-3.2-1B's shape (the "1B-class" model); tiny is for
-# smoke checks on a CPU.
+# the shapes only). smollm2-135m is SmolLM2-135M's shape (for machines without its 98 MB GGUF),
+# llama-1b Llama-3.2-1B's (the "1B-class" model); tiny is for smoke checks on a CPU.
 RANDOM_SHAPES = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+                         num_kv_heads=3, head_dim=64, intermediate_size=1536, rope_theta=100000.0,
+                         tie_embeddings=True, max_position_embeddings=8192),
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
                      num_kv_heads=8, head_dim=64, intermediate_size=8192, rope_theta=500000.0,
                      tie_embeddings=True, max_position_embeddings=131072),

@@ -60,7 +60,7 @@ def audits(tmp_path_factory):
   # fixed sampling seeds: with OS entropy the no-DP bound varied between runs (1.39 in one, 0.77
   # in another make test), so the test measured luck; seed 0 gives 1.25
   for name, arg in (("none", "mode=none,dp_seed=0"),
-                    ("dp", "mode=sample,eps=1,rounds=1,dp_seed=0")):
+                    ("dp", "mode=sample,eps=1,rounds=1,steps=1,dp_seed=0")):
     wd = str(tmp_path_factory.mktemp(name))
     assert audit_cli.main(["--config", f"configs/audit.py:{arg}", "--workdir", wd,
                            "--canaries", "100", "--quiet"]) == 0
