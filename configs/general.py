@@ -18,6 +18,8 @@ ARGS = {"task": "data.task", "eps": "dp.target_epsilon", "rank": "lora.rank",
         "rounds": "fed.rounds", "batch": "data.batch_size", "lr": "optim.learning_rate",
         "mode": "dp.mode", "agg": "fed.aggregation", "clients": "fed.num_clients"}
 MAX_LENGTH = {"boolq": 192, "piqa": 96, "winogrande": 64}
+TRAIN_SIZES = {"boolq": 2289, "piqa": 1287, "winogrande": 887}  # each `::train` part (70%)
+CLIENTS = 4
 
 
 def get_config(arg: str | None = None):
@@ -27,18 +29,27 @@ def get_config(arg: str | None = None):
   c.data.max_answer_tokens = 32
   c.data.eval_examples = 0  # the whole held-out part
   c.data.batch_size = 16
-  c.fed.num_clients = 4
+  c.fed.num_clients = CLIENTS
   c.fed.rounds = 5
   apply_args(c, arg, ARGS)
   c.data.max_length = MAX_LENGTH.get(c.data.task, 128)
-  # the public bound on a client's size: an even split of the task's training part
-  sizes = {"boolq": 2289, "piqa": 1287, "winogrande": 887}
-  c.data.max_client_size = -(-sizes.get(c.data.task, 2000) // c.fed.num_clients)
+  c.data.max_client_size = _bound(c.data.task, c.fed.num_clients)
   c.lock()
   return c
 
 
+def _bound(task: str, clients: int) -> int:
+  """The public bound on a client's size: an even split of the task's training part."""
+  return -(-TRAIN_SIZES.get(task, 2000) // clients)
+
+
+def _task(task: str) -> dict:
+  # a sweep's overrides apply after get_config, so the fields it derives from the task go with it
+  return {"data.task": task, "data.max_length": MAX_LENGTH[task],
+          "data.max_client_size": _bound(task, CLIENTS)}
+
+
 def sweep():
-  return {"data.task": ["boolq", "piqa", "winogrande"],
+  return {"task": [_task(t) for t in ("boolq", "piqa", "winogrande")],
           "privacy": [{"dp.mode": "none", "optim.learning_rate": 0.2}, {"dp.target_epsilon": 8.0}],
           "fed.aggregation": ["fedavg", "ffa"]}

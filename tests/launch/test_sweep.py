@@ -84,11 +84,30 @@ def test_only_selects_points_by_name_part(capsys):
   assert sweep_cli.main(["--config", "configs/general.py", "--workdir", "unused", "--list",
                          "--only", "task=piqa", "--only", "aggregation=ffa"]) == 0
   lines = capsys.readouterr().out.splitlines()
-  assert [l.split()[0] for l in lines] == ["task=piqa,mode=none,learning_rate=0.2,aggregation=ffa",
-                                           "task=piqa,target_epsilon=8,aggregation=ffa"]
+  piqa = "task=piqa,max_length=96,max_client_size=322"
+  assert [l.split()[0] for l in lines] == [f"{piqa},mode=none,learning_rate=0.2,aggregation=ffa",
+                                           f"{piqa},target_epsilon=8,aggregation=ffa"]
   points = sweep.expand(_grid())
   with pytest.raises(ValueError, match="--only task=nope matches none of the 4 points"):
     sweep.select(points, ["task=nope"])
   with pytest.raises(ValueError, match="expected KEY=VALUE"):
     sweep.select(points, ["piqa"])
   assert sweep.select(points, []) == points
+
+
+def test_sweep_points_of_a_task_get_the_fields_its_config_derives_from_it():
+  """A sweep's overrides apply after get_config: configs/general.py's task axis must carry the
+  task's length and public client bound (its BoolQ points once ran with PIQA's bound and were
+  refused: clients of 573 examples over a bound of 322)."""
+  from configs import general
+  from dplora_jax import config_files
+  points = sweep.load_points("configs/general.py")
+  assert {p.overrides["data.task"] for p in points} == {"boolq", "piqa", "winogrande"}
+  for p in points:
+    got = config_files.load_with_overrides(
+        "configs/general.py", {k: sweep._text(v) for k, v in p.overrides.items()})
+    task = p.overrides["data.task"]
+    want = config_files.load_with_overrides(f"configs/general.py:task={task}", {})
+    assert (got.data.max_length, got.data.max_client_size) == (
+        want.data.max_length, want.data.max_client_size), p.name
+    assert got.data.max_client_size * got.fed.num_clients >= general.TRAIN_SIZES[task]
