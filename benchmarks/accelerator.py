@@ -20,24 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+
+from benchmarks.compare import run_json
 
 # Dense bfloat16 tensor-core peaks from the vendors' data sheets (no sparsity), TFLOP/s.
 NOMINAL_BF16_TFLOPS = {"NVIDIA H200": 989.4, "NVIDIA H100 80GB HBM3": 989.4,
                        "NVIDIA H100 PCIe": 756.0, "NVIDIA A100-SXM4-80GB": 312.0,
                        "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0}
-
-
-def _run(args: list[str], timeout: float) -> dict:
-  try:
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                         timeout=timeout)
-  except subprocess.TimeoutExpired:
-    return {"error": f"timed out after {timeout:.0f} s"}
-  if out.returncode:
-    return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measured_peak(seconds: float = 2.0) -> dict:
@@ -47,7 +36,7 @@ def measured_peak(seconds: float = 2.0) -> dict:
           f"'cpu'; sizes = ((1024, 1024, 1024),) if cpu else {big}; "
           "print(json.dumps({'device': jax.devices()[0].device_kind, 'peak': "
           f"flops.matmul_peak_jax(sizes, seconds={seconds}, dtype='bfloat16')}}))")
-  return _run(["-c", code], timeout=600)
+  return run_json(["-c", code], timeout=600)
 
 
 def main():
@@ -87,7 +76,7 @@ def main():
                "--microbatch", str(args.microbatch), "--repeats", str(args.repeats),
                "--dtype", "bfloat16", "--param-dtype", "bfloat16", "--attention",
                args.attention] + (["--dp"] if dp else [])
-      r = dict(_run(flags, args.timeout), model=model, dp=dp)
+      r = dict(run_json(flags, args.timeout), model=model, dp=dp)
       rows.append(r)
       name = "DP" if dp else "non-private"
       if "error" in r:

@@ -20,12 +20,21 @@ import subprocess
 import sys
 
 
-def _run(module: str, *args: str) -> dict:
-  out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                       timeout=1800)
+def run_json(argv: list[str], timeout: float = 1800.0) -> dict:
+  """Runs `python argv...` in its own process; its last stdout line as JSON, or {"error": ...}
+  (the last stderr line, or the timeout)."""
+  try:
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                         timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout:.0f} s"}
   if out.returncode:
     return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run(module: str, *args: str) -> dict:
+  return run_json(["-m", module, *args])
 
 
 def _peaks() -> dict:
