@@ -43,13 +43,8 @@ def _bound(task: str, clients: int) -> int:
   return -(-TRAIN_SIZES.get(task, 2000) // clients)
 
 
-def _task(task: str) -> dict:
-  # a sweep's overrides apply after get_config, so the fields it derives from the task go with it
-  return {"data.task": task, "data.max_length": MAX_LENGTH[task],
-          "data.max_client_size": _bound(task, CLIENTS)}
-
-
 def sweep():
-  return {"task": [_task(t) for t in ("boolq", "piqa", "winogrande")],
+  # config args, not overrides: get_config derives each task's length and public bound from it
+  return {"config_arg": [f"task={t}" for t in ("boolq", "piqa", "winogrande")],
           "privacy": [{"dp.mode": "none", "optim.learning_rate": 0.2}, {"dp.target_epsilon": 8.0}],
           "fed.aggregation": ["fedavg", "ffa"]}

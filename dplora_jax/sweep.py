@@ -3,8 +3,12 @@
 A config file's `sweep()` returns either a dict of axes, `{"fed.aggregation": ["fedavg", "ffa"],
 "privacy": [{"dp.mode": "none"}, {"dp.target_epsilon": 8.0}]}` (an axis of dicts sets several
 fields at once; the grid is their product), or a list of override dicts (the points themselves).
+Overrides apply after the file's `get_config(arg)`, so a field it derives from another (a task's
+sequence length, a public client bound split over the clients) would keep the value derived from
+the default; an axis keyed `config_arg` (`ARG`) instead takes the file's own `:k=v,...` args,
+`{"config_arg": ["task=boolq", "task=piqa"]}`, which get_config sees and derives from.
 Points run one after another or N at a time, each as its own process (`python -m launch.train
---config FILE --workdir DIR/points/NAME --config.k=v ...`), so a killed point resumes from its
+--config FILE[:ARGS] --workdir DIR/points/NAME --config.k=v ...`), so a killed point resumes from its
 checkpoint when the sweep is run again, and a finished one (its summary.json exists) is skipped.
 `collect` then writes results.csv, results.md and the plots into DIR.
 """
@@ -26,24 +30,55 @@ from typing import Callable
 from dplora_jax import config_files, tasks
 
 
+ARG = "config_arg"  # a sweep key whose values are the config file's own `k=v,...` args
+
+
 @dataclasses.dataclass(frozen=True)
 class Point:
-  """One run of the sweep: its name (a directory name) and its dotted-key overrides."""
+  """One run of the sweep: its name (a directory name), its dotted-key overrides and, under
+  `ARG`, the config file args it adds to the sweep's own."""
   name: str
   overrides: dict
 
   def workdir(self, root: str) -> str:
     return os.path.join(root, "points", self.name)
 
+  def spec(self, config_spec: str) -> str:
+    """The config spec this point runs: `FILE[:ARGS]` with its config args appended (later
+    args win in `configs.common.apply_args`)."""
+    arg = self.overrides.get(ARG)
+    if not arg:
+      return config_spec
+    path, _, base = config_spec.partition(":")
+    return f"{path}:{base},{arg}" if base else f"{path}:{arg}"
+
+  def dotted(self) -> dict[str, str]:
+    """The `--config.k=v` overrides, as text."""
+    return {k: _text(v) for k, v in self.overrides.items() if k != ARG}
+
 
 def _short(key: str) -> str:
   return key.rsplit(".", 1)[-1]
 
 
+def _parts(overrides: dict) -> dict[str, str]:
+  """The point's name parts (short key -> value); a config arg `task=boolq` gives task: boolq."""
+  out = {}
+  for k, v in overrides.items():
+    if k == ARG:
+      if not isinstance(v, str) or not all(i.count("=") == 1 for i in v.split(",")):
+        raise ValueError(f"sweep() axis {ARG!r}: expected config file args 'k=v[,k=v]', "
+                         f"got {v!r}.")
+      out.update(i.split("=") for i in v.split(","))
+    else:
+      out[_short(k)] = _fmt(v)
+  return out
+
+
 def _name(overrides: dict) -> str:
   if not overrides:
     return "base"
-  text = ",".join(f"{_short(k)}={_fmt(v)}" for k, v in overrides.items())
+  text = ",".join(f"{k}={v}" for k, v in _parts(overrides).items())
   return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text)
 
 
@@ -97,7 +132,7 @@ def load_points(config_spec: str) -> list[Point]:
   points = expand(module.sweep())
   for p in points:
     try:
-      config_files.load_with_overrides(config_spec, {k: _text(v) for k, v in p.overrides.items()})
+      config_files.load_with_overrides(p.spec(config_spec), p.dotted())
     except ValueError as e:
       raise ValueError(f"sweep point {p.name}: {e}") from None
   return points
@@ -131,9 +166,9 @@ def finished(point: Point, root: str) -> bool:
 
 
 def command(config_spec: str, point: Point, root: str) -> list[str]:
-  return ([sys.executable, "-m", "launch.train", "--config", config_spec,
+  return ([sys.executable, "-m", "launch.train", "--config", point.spec(config_spec),
            "--workdir", point.workdir(root), "--quiet"]
-          + [f"--config.{k}={_text(v)}" for k, v in point.overrides.items()])
+          + [f"--config.{k}={v}" for k, v in point.dotted().items()])
 
 
 def run(config_spec: str, root: str, points: list[Point], *, parallel: int = 1,
@@ -198,7 +233,7 @@ def result_row(p: Point, root: str) -> dict:
   metric = task.metric
   eps = s["epsilon"]
   per_round = s["lora_bytes"]
-  return {"point": p.name, **{_short(k): _fmt(v) for k, v in p.overrides.items()},
+  return {"point": p.name, **_parts(p.overrides),
           "task": task.name, "mode": s["mode"], "aggregation": s["aggregation"],
           "epsilon": round(eps, 3) if math.isfinite(eps) else "inf",
           "delta": s["delta"], "rank": s.get("lora_rank"), "clients": s["clients"],

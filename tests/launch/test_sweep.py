@@ -84,9 +84,8 @@ def test_only_selects_points_by_name_part(capsys):
   assert sweep_cli.main(["--config", "configs/general.py", "--workdir", "unused", "--list",
                          "--only", "task=piqa", "--only", "aggregation=ffa"]) == 0
   lines = capsys.readouterr().out.splitlines()
-  piqa = "task=piqa,max_length=96,max_client_size=322"
-  assert [l.split()[0] for l in lines] == [f"{piqa},mode=none,learning_rate=0.2,aggregation=ffa",
-                                           f"{piqa},target_epsilon=8,aggregation=ffa"]
+  assert [l.split()[0] for l in lines] == ["task=piqa,mode=none,learning_rate=0.2,aggregation=ffa",
+                                           "task=piqa,target_epsilon=8,aggregation=ffa"]
   points = sweep.expand(_grid())
   with pytest.raises(ValueError, match="--only task=nope matches none of the 4 points"):
     sweep.select(points, ["task=nope"])
@@ -95,19 +94,28 @@ def test_only_selects_points_by_name_part(capsys):
   assert sweep.select(points, []) == points
 
 
-def test_sweep_points_of_a_task_get_the_fields_its_config_derives_from_it():
-  """A sweep's overrides apply after get_config: configs/general.py's task axis must carry the
-  task's length and public client bound (its BoolQ points once ran with PIQA's bound and were
-  refused: clients of 573 examples over a bound of 322)."""
+def test_config_arg_points_run_get_config_with_their_args():
+  """Overrides apply after get_config, so a field it derives (configs/general.py: a task's length
+  and public client bound) would keep the default task's value (its BoolQ points once ran with
+  PIQA's bound and were refused: clients of 573 examples over a bound of 322). A `config_arg`
+  axis passes the file's own args instead: each point's config is get_config(those args)."""
   from configs import general
   from dplora_jax import config_files
-  points = sweep.load_points("configs/general.py")
-  assert {p.overrides["data.task"] for p in points} == {"boolq", "piqa", "winogrande"}
+  spec = "configs/general.py:rounds=2"
+  points = sweep.load_points(spec)
+  assert {p.overrides[sweep.ARG] for p in points} == {"task=boolq", "task=piqa", "task=winogrande"}
   for p in points:
-    got = config_files.load_with_overrides(
-        "configs/general.py", {k: sweep._text(v) for k, v in p.overrides.items()})
-    task = p.overrides["data.task"]
-    want = config_files.load_with_overrides(f"configs/general.py:task={task}", {})
-    assert (got.data.max_length, got.data.max_client_size) == (
-        want.data.max_length, want.data.max_client_size), p.name
+    task = p.overrides[sweep.ARG].split("=")[1]
+    assert p.spec(spec) == f"configs/general.py:rounds=2,task={task}"
+    cmd = sweep.command(spec, p, "root")
+    assert cmd[cmd.index("--config") + 1] == p.spec(spec)
+    assert not any(a.startswith(f"--config.{sweep.ARG}") for a in cmd)
+    got = config_files.load_with_overrides(p.spec(spec), p.dotted())
+    want = general.get_config(f"rounds=2,task={task}")
+    assert (got.data.task, got.data.max_length, got.data.max_client_size, got.fed.rounds) == (
+        task, want.data.max_length, want.data.max_client_size, 2), p.name
     assert got.data.max_client_size * got.fed.num_clients >= general.TRAIN_SIZES[task]
+  assert {p.name.split(",")[0] for p in points} == {"task=boolq", "task=piqa", "task=winogrande"}
+  assert sweep.Point("x", {"a.b": 1}).spec("f.py:k=1") == "f.py:k=1"
+  with pytest.raises(ValueError, match="axis 'config_arg': expected config file args"):
+    sweep.expand({sweep.ARG: ["task"]})
