@@ -87,8 +87,9 @@ def main():
       ratio = f"{r['step_s'] / base:.2f}" if base else "-"
       mfu = f"{fl / nominal:.1%}" if nominal else "-"
       share = f"{fl / peak['peak']:.1%}" if peak.get("peak") else "-"
+      mem = f"{r['device_peak_mib']:.0f}" if r.get("device_peak_mib") is not None else "-"
       print(f"| {model} | {name} | {r['step_s']:.4f} | {ratio} | {fl / 1e12:.2f} | {mfu} | "
-            f"{share} | {r.get('device_peak_mib', float('nan')):.0f} | {r['compile_s']:.1f} |")
+            f"{share} | {mem} | {r['compile_s']:.1f} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"device": device, "measured_peak": peak.get("peak"), "nominal_peak": nominal,

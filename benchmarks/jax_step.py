@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import resource
 import time
 
 import jax
 import numpy as np
 
-from benchmarks import flops as flops_lib, workloads
+from benchmarks import flops as flops_lib, memory, workloads
 from dplora_jax import lora as lora_lib, models
 
 
@@ -93,9 +92,8 @@ def main():
       "first_layer": args.first_layer, "cache_prefix": args.cache_prefix,
       "compile_s": compile_s, "useful_flops": useful,
       "xla_flops": float((cost or {}).get("flops", float("nan"))),
-      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "device_peak_mib": (jax.devices()[0].memory_stats() or {}).get(
-          "peak_bytes_in_use", float("nan")) / 2**20,
+      "peak_rss_mib": memory.peak_rss_mib(),
+      "device_peak_mib": memory.device_peak_mib(),
       "device": jax.devices()[0].device_kind}))
 
 

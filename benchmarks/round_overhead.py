@@ -14,27 +14,16 @@ DP step = vmap per-example gradients of the LoRA tree, per-example clipping, Gau
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import jax
 import numpy as np
 import optax
 
-from benchmarks import workloads
+from benchmarks import memory, workloads
 from dplora_jax import lora as lora_lib
 from dplora_jax.federated import round as round_lib
 from dplora_jax.models import load_model
-
-
-def _peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _device_peak_mib() -> float | None:
-  stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
-  return None if peak is None else peak / 2**20
 
 
 def _time(fn, *args, repeats):
@@ -90,8 +79,8 @@ def main():
   print(f"| non-private (batch grad) | {np_first:.2f} | {np_time:.3f} | 1.00 |")
   print(f"| DP (vmap per-example, clip, noise) | {dp_first:.2f} | {dp_time:.3f} | "
         f"{dp_time / np_time:.2f} |")
-  dev_peak = _device_peak_mib()
-  print(f"\npeak host RSS {_peak_rss_mib():.0f} MiB"
+  dev_peak = memory.device_peak_mib()
+  print(f"\npeak host RSS {memory.peak_rss_mib():.0f} MiB"
         + ("" if dev_peak is None else f", device peak {dev_peak:.0f} MiB"))
 
   print("\n| clients | devices | round compile+first (s) | round (s) |")
