@@ -52,8 +52,8 @@ def rows(model, ranks, targets, rounds, clients):
         square += 4 * layers_ * rank * (1 if agg == "ffa" else 2) * d_in  # the paper: n x n
       a_once = lora_lib.factor_bytes(m)["a"] if agg == "ffa" else 0
       total = 2 * measured * rounds * clients + a_once * clients
-      out.append(dict(rank=rank, agg=agg, formula=formula, square=square, measured=measured, wire=wire,
-                      full=full, total=total, a_once=a_once,
+      out.append(dict(rank=rank, agg=agg, formula=formula, square=square, measured=measured,
+                      wire=wire, full=full, total=total, a_once=a_once,
                       full_total=2 * full * rounds * clients))
   return out
 
@@ -78,8 +78,9 @@ def main(argv=None):
   print("|---|---|---|---|---|---|---|---|---|")
   for r in rs:
     assert r["formula"] == r["measured"], r  # the paper's count is exactly what travels
-    print(f"| {r['rank']} | {r['agg']} | {r['square']:,} | {r['formula']:,} | {r['measured']:,} | {r['wire']:,} | "
-          f"{r['measured'] / r['full']:.3%} | {_size(r['total'])} | {_size(r['full_total'])} |")
+    print(f"| {r['rank']} | {r['agg']} | {r['square']:,} | {r['formula']:,} | "
+          f"{r['measured']:,} | {r['wire']:,} | {r['measured'] / r['full']:.3%} | "
+          f"{_size(r['total'])} | {_size(r['full_total'])} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A deployment across institutions: 3 clients of SmolLM2-135M-Instruct on TFNS (`make deploy-demo`).
+"""A deployment across institutions: 3 clients of SmolLM2-135M-Instruct on TFNS
+(`make deploy-demo`).
 
   python -m launch.deploy_local --config configs/deploy.py --workdir runs/deploy
 

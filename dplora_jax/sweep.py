@@ -8,8 +8,9 @@ sequence length, a public client bound split over the clients) would keep the va
 the default; an axis keyed `config_arg` (`ARG`) instead takes the file's own `:k=v,...` args,
 `{"config_arg": ["task=boolq", "task=piqa"]}`, which get_config sees and derives from.
 Points run one after another or N at a time, each as its own process (`python -m launch.train
---config FILE[:ARGS] --workdir DIR/points/NAME --config.k=v ...`), so a killed point resumes from its
-checkpoint when the sweep is run again, and a finished one (its summary.json exists) is skipped.
+--config FILE[:ARGS] --workdir DIR/points/NAME --config.k=v ...`), so a killed point resumes
+from its checkpoint when the sweep is run again, and a finished one (its summary.json exists) is
+skipped.
 `collect` then writes results.csv, results.md and the plots into DIR.
 """
 
