@@ -71,12 +71,12 @@ def test_sparse_eval_scores_equal_the_full_computation():
                                    ex["targets"], ex["loss_mask"])
   np.testing.assert_allclose(sparse, full, atol=1e-5)
   prompt_len = jnp.array([4, 6, 7, 9, 12], jnp.int32)
-  labels = jnp.array([3, 17, 40])
-  got = eval_lib._last_position_logprobs(graphdef, lora, frozen, ex["tokens"], ex["mask"],
-                                        prompt_len, labels)
+  cand = jnp.array([[3, 17, 40], [3, 17, 40], [1, 2, 2], [40, 3, 9], [0, 5, 17]])  # per row
+  got = eval_lib._next_token_logprobs(graphdef, lora, frozen, ex["tokens"], ex["mask"],
+                                      prompt_len, cand)
   logits = jax.nn.log_softmax(
       lora_lib.apply(graphdef, lora, frozen, ex["tokens"], ex["mask"]), -1)
-  want = logits[jnp.arange(5), prompt_len - 1][:, labels]
+  want = logits[jnp.arange(5), prompt_len - 1][jnp.arange(5)[:, None], cand]
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 

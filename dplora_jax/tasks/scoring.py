@@ -26,10 +26,11 @@ class ModelParts(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _last_position_logprobs(graphdef, lora, frozen, tokens, mask, prompt_len, label_tokens):
-  # the head runs at the last prompt position only
+def _next_token_logprobs(graphdef, lora, frozen, tokens, mask, prompt_len, candidates):
+  """[B, K] log p(candidates[b, k] | row b's first prompt_len[b] tokens): the head runs at the
+  last prompt position only."""
   last = lora_lib.apply(graphdef, lora, frozen, tokens, mask, (prompt_len - 1)[:, None])[:, 0]
-  return jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)[:, label_tokens]
+  return losses.token_logprob(last[:, None, :], candidates)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "positions"))
@@ -97,7 +98,12 @@ def continuation_logprobs(parts: ModelParts, requests: list[tuple[np.ndarray, np
     conts.append(len(cont))
   lengths, conts = np.asarray([len(r) for r in rows]), np.asarray(conts)
   out = np.zeros((n,), np.float64)
-  for idx in _batches(lengths, batch_size):
+  one = np.flatnonzero(conts == 1)
+  if len(one):
+    _one_token_logprobs(parts, [rows[i] for i in one], pad, max_length, batch_size, out, one)
+  many = np.flatnonzero(conts > 1)
+  for at in _batches(lengths[many], batch_size):
+    idx = many[at]
     width = width_bucket(int(lengths[idx].max()), max_length)
     p = min(_pow2(int(conts[idx].max())), width)
     full = _pad_rows(idx, batch_size)
@@ -115,6 +121,35 @@ def continuation_logprobs(parts: ModelParts, requests: list[tuple[np.ndarray, np
   return out
 
 
+def _one_token_logprobs(parts: ModelParts, rows: list[np.ndarray], pad: int, max_length: int,
+                        batch_size: int, out: np.ndarray, where: np.ndarray) -> None:
+  """Writes log p(last token | the tokens before it) of each row into out[where], one forward
+  per distinct context: the choices of a BoolQ item (" no" / " yes") share their passage, so
+  it runs once and the head's log-softmax at its last position is read at every choice."""
+  groups: dict[bytes, list[tuple[int, int]]] = {}
+  for w, r in zip(where, rows):
+    groups.setdefault(r[:-1].tobytes(), []).append((int(w), int(r[-1])))
+  ctxs = [np.frombuffer(k, np.int32) for k in groups]
+  members = list(groups.values())
+  k = _pow2(max(len(m) for m in members))
+  lengths = np.asarray([len(c) for c in ctxs])
+  for idx in _batches(lengths, batch_size):
+    width = width_bucket(int(lengths[idx].max()), max_length)
+    full = _pad_rows(idx, batch_size)
+    tokens = np.full((batch_size, width), pad, np.int32)
+    cand = np.zeros((batch_size, k), np.int32)
+    for j, i in enumerate(full):
+      tokens[j, :lengths[i]] = ctxs[i]
+      toks = [t for _, t in members[i]]
+      cand[j] = toks + toks[:1] * (k - len(toks))
+    mask = np.arange(width)[None] < lengths[full][:, None]
+    lp = np.asarray(_next_token_logprobs(parts.graphdef, parts.lora, parts.frozen, tokens, mask,
+                                         lengths[full], cand))
+    for j, i in enumerate(idx):
+      for c, (w, _) in enumerate(members[i]):
+        out[w] = lp[j, c]
+
+
 def label_scores(parts: ModelParts, ex: Examples, answers: list[np.ndarray], pad: int,
                  batch_size: int = 32) -> np.ndarray:
   """[N, num_labels] log p(label | prompt) for the prompts of `ex` (their answers are ignored).
@@ -129,14 +164,15 @@ def label_scores(parts: ModelParts, ex: Examples, answers: list[np.ndarray], pad
     reqs = [(p, a) for p in prompts for a in answers]
     return continuation_logprobs(parts, reqs, pad, max_length, batch_size).reshape(
         n, len(answers))
-  label_tokens = jnp.asarray([int(a[0]) for a in answers])
+  label_tokens = np.asarray([int(a[0]) for a in answers], np.int32)
   out = np.zeros((n, len(answers)))
   for idx in _batches(ex.prompt_len, batch_size):
     width = width_bucket(int(ex.prompt_len[idx].max()), max_length)
     full = _pad_rows(idx, batch_size)
     keep = np.arange(max_length)[None] < ex.prompt_len[full][:, None]
     tokens = np.where(keep, ex.tokens[full], pad)[:, :width]
-    scores = _last_position_logprobs(parts.graphdef, parts.lora, parts.frozen, tokens,
-                                     keep[:, :width], ex.prompt_len[full], label_tokens)
+    scores = _next_token_logprobs(parts.graphdef, parts.lora, parts.frozen, tokens,
+                                  keep[:, :width], ex.prompt_len[full],
+                                  np.broadcast_to(label_tokens, (batch_size, len(answers))))
     out[idx] = np.asarray(scores)[:len(idx)]
   return out

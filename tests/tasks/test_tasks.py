@@ -125,6 +125,31 @@ def test_boolq_prompt_and_labels():
   assert it.continuations == (" no", " yes") and it.gold == 1
 
 
+def test_one_token_choices_share_one_forward_and_equal_the_direct_computation(lm, monkeypatch):
+  """BoolQ's " no" / " yes" follow the same passage: one forward per distinct context (the head
+  read at each choice), mixed with multi-token continuations, every score as computed alone."""
+  parts, tok = lm
+  calls = []
+  real = scoring._next_token_logprobs
+  monkeypatch.setattr(scoring, "_next_token_logprobs",
+                      lambda *a: calls.append(a[3].shape[0]) or real(*a))
+  no, yes, maybe = (encode(tok, w) for w in (" no", " yes", " perhaps so"))
+  ctxs = [encode(tok, t) for t in ("P. one\nQuestion: is it?\nAnswer:",
+                                   "A longer passage about many things\nQuestion: is it?\nAnswer:",
+                                   "Short\nAnswer:")]
+  reqs = [(ctxs[0], no), (ctxs[1], no), (ctxs[0], yes), (ctxs[1], yes), (ctxs[2], yes),
+          (ctxs[0], maybe), (ctxs[2], no)]
+  got = scoring.continuation_logprobs(parts, reqs, tok.pad_token_id, 64, batch_size=2)
+  np.testing.assert_allclose(got, _by_hand(parts, reqs), atol=1e-5)
+  assert calls == [2, 2]  # 3 distinct one-token contexts in batches of 2, not 6 rows
+  # a context cut to max_length - 1 tokens is the same cut as the scored row's
+  long_ctx = np.concatenate([ctxs[1]] * 4)
+  got = scoring.continuation_logprobs(parts, [(long_ctx, no), (long_ctx, yes)],
+                                      tok.pad_token_id, 20, batch_size=2)
+  np.testing.assert_allclose(got, _by_hand(parts, [(long_ctx[-19:], no), (long_ctx[-19:], yes)]),
+                             atol=1e-5)
+
+
 def test_label_scores_bucketed_equal_the_direct_computation(lm):
   parts, tok = lm
   task = tasks.get("tfns")
