@@ -16,9 +16,11 @@ def answer_positions(loss_mask: jax.Array, count: int) -> tuple[jax.Array, jax.A
   """The first `count` positions where `loss_mask` [..., T] is True, and their validity.
 
   Returns:
-    (positions [..., count] int32, valid [..., count] bool). Missing positions are 0 and
-    invalid (an example with fewer answer tokens than `count`).
+    (positions [..., P] int32, valid [..., P] bool) with P = min(count, T): a row of T tokens
+    holds at most T answer positions (a length bucket can be narrower than `count`). Missing
+    positions are 0 and invalid (an example with fewer answer tokens than P).
   """
+  count = min(count, loss_mask.shape[-1])
   order = jnp.argsort(~loss_mask.astype(bool), axis=-1, stable=True)[..., :count]
   valid = jnp.arange(count) < jnp.sum(loss_mask, axis=-1, keepdims=True)
   return jnp.where(valid, order, 0).astype(jnp.int32), valid

@@ -29,6 +29,10 @@ def test_answer_positions_are_the_first_p_loss_positions():
   pos, valid = losses.answer_positions(lm, 3)
   np.testing.assert_array_equal(pos, [[1, 2, 4], [3, 0, 0], [0, 0, 0]])
   np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+  # more positions than the row's tokens (a length bucket narrower than max_answer_tokens): T
+  pos, valid = losses.answer_positions(lm, 8)
+  np.testing.assert_array_equal(pos, [[1, 2, 4, 0, 0], [3, 0, 0, 0, 0], [0] * 5])
+  np.testing.assert_array_equal(valid.sum(1), [3, 1, 0])
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -56,10 +60,13 @@ def test_sparse_loss_and_gradients_equal_the_full_computation(answer_tokens):
                             in_axes=(None, None, None, 0, 0, 0, 0)), static_argnums=0)
 
   full, g_full = per_example(0)(graphdef, lora, frozen, *args)
-  sparse, g_sparse = per_example(3)(graphdef, lora, frozen, *args)
-  np.testing.assert_allclose(sparse, full, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_sparse)):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  # 3 positions, and more positions than the rows have tokens (a narrow length bucket under a
+  # large max_answer_tokens: this once failed to trace, WinoGrande at 32 answer tokens, width 24)
+  for p in (3, args[0].shape[1] + 8):
+    sparse, g_sparse = per_example(p)(graphdef, lora, frozen, *args)
+    np.testing.assert_allclose(sparse, full, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_sparse)):
+      np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_sparse_eval_scores_equal_the_full_computation():
