@@ -100,7 +100,7 @@ def continuation_logprobs(parts: ModelParts, requests: list[tuple[np.ndarray, np
   out = np.zeros((n,), np.float64)
   one = np.flatnonzero(conts == 1)
   if len(one):
-    _one_token_logprobs(parts, [rows[i] for i in one], pad, max_length, batch_size, out, one)
+    out[one] = _one_token_logprobs(parts, [rows[i] for i in one], pad, max_length, batch_size)
   many = np.flatnonzero(conts > 1)
   for at in _batches(lengths[many], batch_size):
     idx = many[at]
@@ -122,17 +122,18 @@ def continuation_logprobs(parts: ModelParts, requests: list[tuple[np.ndarray, np
 
 
 def _one_token_logprobs(parts: ModelParts, rows: list[np.ndarray], pad: int, max_length: int,
-                        batch_size: int, out: np.ndarray, where: np.ndarray) -> None:
-  """Writes log p(last token | the tokens before it) of each row into out[where], one forward
-  per distinct context: the choices of a BoolQ item (" no" / " yes") share their passage, so
-  it runs once and the head's log-softmax at its last position is read at every choice."""
+                        batch_size: int) -> np.ndarray:
+  """[len(rows)] log p(last token | the tokens before it), one forward per distinct context:
+  the choices of a BoolQ item (" no" / " yes") or the label words after a prompt share it, so it
+  runs once and the head's log-softmax at its last position is read at every choice."""
   groups: dict[bytes, list[tuple[int, int]]] = {}
-  for w, r in zip(where, rows):
-    groups.setdefault(r[:-1].tobytes(), []).append((int(w), int(r[-1])))
+  for w, r in enumerate(rows):
+    groups.setdefault(r[:-1].tobytes(), []).append((w, int(r[-1])))
   ctxs = [np.frombuffer(k, np.int32) for k in groups]
   members = list(groups.values())
   k = _pow2(max(len(m) for m in members))
   lengths = np.asarray([len(c) for c in ctxs])
+  out = np.zeros((len(rows),), np.float64)
   for idx in _batches(lengths, batch_size):
     width = width_bucket(int(lengths[idx].max()), max_length)
     full = _pad_rows(idx, batch_size)
@@ -148,31 +149,15 @@ def _one_token_logprobs(parts: ModelParts, rows: list[np.ndarray], pad: int, max
     for j, i in enumerate(idx):
       for c, (w, _) in enumerate(members[i]):
         out[w] = lp[j, c]
+  return out
 
 
 def label_scores(parts: ModelParts, ex: Examples, answers: list[np.ndarray], pad: int,
                  batch_size: int = 32) -> np.ndarray:
-  """[N, num_labels] log p(label | prompt) for the prompts of `ex` (their answers are ignored).
-
-  One forward per batch, the head at the last prompt position, when every label is one token;
-  otherwise one scored continuation per label."""
+  """[N, num_labels] log p(label | prompt) for the prompts of `ex` (their answers are ignored):
+  each prompt runs once, the head at its last position, for the labels of one token (the
+  others are scored as continuations)."""
   n, max_length = len(ex), ex.tokens.shape[1]
-  if n == 0:
-    return np.zeros((0, len(answers)))
-  if not all(len(a) == 1 for a in answers):
-    prompts = [ex.tokens[i, :ex.prompt_len[i]] for i in range(n)]
-    reqs = [(p, a) for p in prompts for a in answers]
-    return continuation_logprobs(parts, reqs, pad, max_length, batch_size).reshape(
-        n, len(answers))
-  label_tokens = np.asarray([int(a[0]) for a in answers], np.int32)
-  out = np.zeros((n, len(answers)))
-  for idx in _batches(ex.prompt_len, batch_size):
-    width = width_bucket(int(ex.prompt_len[idx].max()), max_length)
-    full = _pad_rows(idx, batch_size)
-    keep = np.arange(max_length)[None] < ex.prompt_len[full][:, None]
-    tokens = np.where(keep, ex.tokens[full], pad)[:, :width]
-    scores = _next_token_logprobs(parts.graphdef, parts.lora, parts.frozen, tokens,
-                                  keep[:, :width], ex.prompt_len[full],
-                                  np.broadcast_to(label_tokens, (batch_size, len(answers))))
-    out[idx] = np.asarray(scores)[:len(idx)]
-  return out
+  reqs = [(ex.tokens[i, :ex.prompt_len[i]], a) for i in range(n) for a in answers]
+  return continuation_logprobs(parts, reqs, pad, max_length, batch_size).reshape(
+      n, len(answers))
