@@ -69,3 +69,42 @@ def test_useful_flops_by_hand_and_with_only_the_top_layers_trained():
       3 * (layer + lora) + head + (layer + 2 * lora) + head)
   assert flops.step_flops(cfg, b, t, 1, r, first_layer=2, cached_prefix=True) == (
       (layer + lora) + head + (layer + 2 * lora) + head)
+
+
+def test_the_feature_probe_reads_the_prompt_only_and_fits_a_separable_set():
+  """benchmarks.feature_probe: both features come from the positions up to the one predicting
+  the answer (the answer token changes neither: a mean over it would leak the label), the prompt
+  mean is that of the frozen prefix's rows there, and the probe fits a separable 3-class set."""
+  from types import SimpleNamespace
+
+  import numpy as np
+
+  from benchmarks import feature_probe
+  from dplora_jax import lora as lora_lib
+  from dplora_jax.data.classification import Examples
+  from tests import tiny
+  graphdef, lora, frozen = tiny.model_and_lora(first_layer=1)
+  s = SimpleNamespace(graphdef=graphdef, lora=lora, frozen=frozen)
+  rng = np.random.default_rng(0)
+  n, t, p = 3, tiny.T, 7
+  tokens = rng.integers(0, tiny.ARCH.vocab_size, (n, t)).astype(np.int32)
+  mask = np.arange(t)[None].repeat(n, 0) < p + 2
+  zeros = np.zeros((n, t), np.int32)
+  ex = lambda tok: Examples(tok, mask, zeros, zeros.astype(bool), np.arange(n, dtype=np.int32),
+                            np.full(n, p, np.int32))
+  other_answer, other_prompt = tokens.copy(), tokens.copy()
+  other_answer[:, p] = (tokens[:, p] + 1) % tiny.ARCH.vocab_size
+  other_prompt[:, 2] = (tokens[:, 2] + 1) % tiny.ARCH.vocab_size
+  last, mean = feature_probe.features(s, ex(tokens), chunk=4)
+  for a, b in zip((last, mean), feature_probe.features(s, ex(other_answer), chunk=4)):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(mean, feature_probe.features(s, ex(other_prompt), chunk=4)[1])
+  h = np.asarray(lora_lib.frozen_prefix(graphdef, lora, frozen, tokens, mask))
+  np.testing.assert_allclose(last, h[:, p - 1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mean, h[:, :p].mean(1), rtol=1e-5, atol=1e-5)
+
+  centers = 4.0 * np.eye(3, 5)
+  y = rng.integers(0, 3, 90)
+  x = (centers[y] + rng.normal(size=(90, 5))).astype(np.float32)
+  pred = feature_probe.probe(x[:60], y[:60], x[60:], 3, l2=0.01)
+  assert (pred == y[60:]).mean() == 1.0
