@@ -20,6 +20,7 @@ TFNS, nothing here is released or accounted. Prints one markdown table.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -33,21 +34,24 @@ from dplora_jax.tasks.metrics import classification_metrics
 from launch import cli
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _read(graphdef, lora, frozen, tokens, mask, pos):
+  """Both features of a chunk (one compile per model and chunk shape, as `tasks.scoring`)."""
+  h = lora_lib.frozen_prefix(graphdef, lora, frozen, tokens, mask)
+  seen = mask & (jnp.arange(mask.shape[1])[None] <= pos[:, None])
+  w = seen[..., None].astype(h.dtype)
+  return h[jnp.arange(h.shape[0]), pos], (h * w).sum(1) / w.sum(1)
+
+
 def features(s, examples, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
   """([N, D] at the answer-predicting position, [N, D] mean over the prompt up to it)."""
-  @jax.jit
-  def one(tokens, mask, pos):
-    h = lora_lib.frozen_prefix(s.graphdef, s.lora, s.frozen, tokens, mask)
-    seen = mask & (jnp.arange(mask.shape[1])[None] <= pos[:, None])
-    w = seen[..., None].astype(h.dtype)
-    return h[jnp.arange(h.shape[0]), pos], (h * w).sum(1) / w.sum(1)
   last, mean = [], []
   for i in range(0, len(examples), chunk):
     ex = examples.subset(np.arange(i, min(i + chunk, len(examples))))
-    n, t = len(ex), ex.tokens.shape[1]
+    n = len(ex)
     pad = lambda x: np.concatenate([x, np.zeros((chunk - n,) + x.shape[1:], x.dtype)])
     pos = np.maximum(ex.prompt_len - 1, 0).astype(np.int32)
-    a, b = one(pad(ex.tokens), pad(ex.mask), pad(pos))
+    a, b = _read(s.graphdef, s.lora, s.frozen, pad(ex.tokens), pad(ex.mask), pad(pos))
     last.append(np.asarray(a)[:n])
     mean.append(np.asarray(b)[:n])
   return np.concatenate(last), np.concatenate(mean)
@@ -80,6 +84,11 @@ def probe(x_train, y_train, x_eval, num_labels: int, l2: float, steps: int = 300
   return np.asarray(jnp.argmax(xe @ params[0] + params[1], -1))
 
 
+def _rms(x: np.ndarray) -> np.ndarray:
+  """Rows scaled to unit RMS (what a LoRA factor of a normed layer input sees, before its gain)."""
+  return x / np.sqrt((x ** 2).mean(1, keepdims=True))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--config", default="configs/finance.py:examples=9500")
@@ -103,12 +112,12 @@ def main(argv=None):
     t0 = time.time()
     (tr_last, tr_mean), (ev_last, ev_mean) = features(s, train), features(s, held)
     secs = time.time() - t0
+    width = tr_last.shape[1]
+    projections = {r: np.random.default_rng(args.seed).normal(size=(width, r)).astype(np.float32)
+                   for r in ranks}
     for name, xt, xe in (("last", tr_last, ev_last), ("prompt mean", tr_mean, ev_mean)):
-      rms = lambda x: x / np.sqrt((x ** 2).mean(1, keepdims=True))
-      views = [(str(xt.shape[1]), xt, xe)]
-      for r in ranks:
-        a = np.random.default_rng(args.seed).normal(size=(xt.shape[1], r)).astype(np.float32)
-        views.append((f"{r} (random)", rms(xt) @ a, rms(xe) @ a))
+      views = [(str(width), xt, xe)]
+      views += [(f"{r} (random)", _rms(xt) @ a, _rms(xe) @ a) for r, a in projections.items()]
       for dims, ft, fe in views:
         m = classification_metrics(probe(ft, train.labels, fe, num_labels, args.l2),
                                    held.labels, num_labels)
