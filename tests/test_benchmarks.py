@@ -108,3 +108,37 @@ def test_the_feature_probe_reads_the_prompt_only_and_fits_a_separable_set():
   x = (centers[y] + rng.normal(size=(90, 5))).astype(np.float32)
   pred = feature_probe.probe(x[:60], y[:60], x[60:], 3, l2=0.01)
   assert (pred == y[60:]).mean() == 1.0
+
+
+def test_the_dp_probe_accounts_the_mean_and_every_step_and_centring_frees_the_clip():
+  """benchmarks.feature_probe.dp_probe: sigma is the smallest with the PLD eps of (private mean)
+  + (Poisson-sampled Gaussian)^steps at the target, computed here with dp-accounting directly;
+  on rows that share a large common part (as a model's hidden states do) the uncentred read-out
+  spends the clip on that part, the privately centred one fits."""
+  import dp_accounting
+  import jax
+  import numpy as np
+  from dp_accounting.pld import pld_privacy_accountant
+
+  from benchmarks import feature_probe
+  rng = np.random.default_rng(0)
+  n, d, steps = 3000, 200, 50
+  y = rng.integers(0, 3, n + 300)
+  x = 0.2 * (np.eye(3, d)[y] + 0.3 * rng.normal(size=(n + 300, d))) + 5.0 * np.eye(d)[5]
+  assert feature_probe.mean_share(x[:n]) > 0.95
+  kw = dict(rate=0.1, steps=steps, clip=1.0, lr=2.0, momentum=0.9, centre_sigma=4.0)
+  acc = {}
+  for centre in feature_probe.CENTRES:
+    pred, sigma = feature_probe.dp_probe(jax.random.key(1), x[:n], y[:n], x[n:], 3, epsilon=2.0,
+                                         centre=centre, **kw)
+    acc[centre] = (pred == y[n:]).mean()
+
+    def eps(s):
+      a = pld_privacy_accountant.PLDAccountant()
+      if centre == "private mean":
+        a.compose(dp_accounting.GaussianDpEvent(4.0))
+      a.compose(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(s)), steps)
+      return a.get_epsilon(1e-5)
+    assert eps(sigma) <= 2.0 * 1.01 and eps(0.97 * sigma) > 2.0
+  assert acc["private mean"] > 0.9 and acc["exact mean (not private)"] > 0.9
+  assert acc["none"] < acc["private mean"] - 0.2
