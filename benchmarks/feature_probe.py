@@ -19,8 +19,10 @@ Gaussian release, sigma calibrated by PLD to eps at delta 1e-5 for the whole com
 unit-normed rows (a per-row map) either uncentred, centred by their *private* mean
 (`dp.statistics.private_mean`, noise multiplier `--centre-sigma`, its event composed into eps), or
 centred by the exact training mean (a reference that is not private: the mean is unaccounted).
-Example-level, with one trusted party holding every client's features (the aggregator mode's
-trust); hyperparameters fixed in advance, not tuned on the held-out rows.
+Example-level; `--dp-noise-at server`: one trusted party adds the noise to the sum of every
+client's rows (the aggregator mode's trust), `client`: each of the config's K clients noises its
+own sums (the default local release: K times the variance on the total, simulated as one draw of
+that variance); hyperparameters fixed in advance, not tuned on the held-out rows.
 
 The training rows are private data in a deployment: this is a research diagnostic on public
 TFNS, nothing here is released or accounted. Prints one markdown table.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import time
 
 import jax
@@ -125,10 +128,13 @@ def _dp_sgd(key, z, labels, num_labels: int, steps: int, rate, sigma, clip, lr, 
 
 def dp_probe(key, x_train, y_train, x_eval, num_labels: int, *, epsilon: float, centre: str,
              rate: float, steps: int, clip: float, lr: float, momentum: float,
-             centre_sigma: float, delta: float = 1e-5) -> tuple[np.ndarray, float]:
+             centre_sigma: float, noisers: int = 1,
+             delta: float = 1e-5) -> tuple[np.ndarray, float]:
   """(predicted labels of x_eval, sigma of the steps) of `_dp_sgd` on the unit-normed rows,
   centred as `centre` (one of CENTRES); eps (inf: no noise, clip kept) covers the private mean's
-  release and every step (PLD)."""
+  release and every step (PLD). `noisers` parties each add the calibrated noise to their own
+  part of every sum (1: a trusted aggregator; K: each client): the total's noise has `noisers`
+  times the variance, each example's guarantee is that of its own party's release."""
   if centre not in CENTRES:
     raise ValueError(f"centre={centre!r}; expected one of {CENTRES}.")
   k_mean, k_sgd = jax.random.split(key)
@@ -143,13 +149,13 @@ def dp_probe(key, x_train, y_train, x_eval, num_labels: int, *, epsilon: float, 
   if centre == "none":
     c = jnp.zeros(u.shape[1])
   elif centre == "private mean":
-    c = statistics.private_mean(k_mean, x_train, centre_sigma)
+    c = statistics.private_mean(k_mean, x_train, centre_sigma * np.sqrt(noisers))
   else:
     c = u.mean(0)
   # rows of norm 1 have E|u - mean|^2 = 1 - |mean|^2: the centred rows' scale, from the release
   scale = 1.0 if centre == "none" else jnp.sqrt(jnp.maximum(1.0 - jnp.sum(c ** 2), 1e-4))
-  w = _dp_sgd(k_sgd, (u - c) / scale, jnp.asarray(y_train), num_labels, steps, rate, sigma,
-              clip, lr, momentum)
+  w = _dp_sgd(k_sgd, (u - c) / scale, jnp.asarray(y_train), num_labels, steps, rate,
+              sigma * np.sqrt(noisers), clip, lr, momentum)
   z = (ue - c) / scale
   logits = jnp.concatenate([z, jnp.ones((z.shape[0], 1))], 1) @ w
   return np.asarray(jnp.argmax(logits, -1)), sigma
@@ -180,10 +186,15 @@ def main(argv=None):
   p.add_argument("--dp-lr", type=float, default=2.0)
   p.add_argument("--dp-momentum", type=float, default=0.9)
   p.add_argument("--centre-sigma", type=float, default=4.0, help="noise multiplier of the private mean")
+  p.add_argument("--dp-noise-at", default="server", help="server (trusted aggregator), client "
+                 "(each client noises its own sums), or both, comma-separated")
   p.add_argument("--dp-seed", type=int, default=-1, help="-1: OS entropy (secret), as a run's")
   args = p.parse_args(argv)
   ranks = [int(r) for r in args.ranks.split(",") if r]
   dp_eps = [float(e) for e in args.dp_eps.split(",") if e]
+  noise_at = args.dp_noise_at.split(",")
+  if not set(noise_at) <= {"server", "client"}:
+    p.error(f"--dp-noise-at={args.dp_noise_at!r}: expected server, client or server,client")
   dp_key = DPRandomness(args.dp_seed).noise_key
   dp_rows = []
   print("| layer | feature | dims | accuracy | macro F1 | features s |")
@@ -210,22 +221,24 @@ def main(argv=None):
                                    held.labels, num_labels)
         print(f"| {layer} | {name} | {dims} | {m['accuracy']:.3f} | {m['f1_macro']:.3f} | "
               f"{secs:.0f} |", flush=True)
-      for eps in dp_eps:
-        for centre in CENTRES:
-          dp_key, k = jax.random.split(dp_key)
-          pred, sigma = dp_probe(k, xt, train.labels, xe, num_labels, epsilon=eps, centre=centre,
-                                 rate=args.dp_rate, steps=args.dp_steps, clip=args.dp_clip,
-                                 lr=args.dp_lr, momentum=args.dp_momentum,
-                                 centre_sigma=args.centre_sigma)
-          m = classification_metrics(pred, held.labels, num_labels)
-          dp_rows.append(f"| {layer} | {name} | {mean_share(xt):.3f} | {eps:g} | {centre} | "
-                         f"{sigma:.3f} | {m['accuracy']:.3f} | {m['f1_macro']:.3f} |")
+      for eps, where, centre in itertools.product(dp_eps, noise_at, CENTRES):
+        if np.isinf(eps) and where == "client":
+          continue  # no noise: the placement does not matter
+        dp_key, k = jax.random.split(dp_key)
+        pred, sigma = dp_probe(k, xt, train.labels, xe, num_labels, epsilon=eps, centre=centre,
+                               rate=args.dp_rate, steps=args.dp_steps, clip=args.dp_clip,
+                               lr=args.dp_lr, momentum=args.dp_momentum,
+                               centre_sigma=args.centre_sigma,
+                               noisers=len(s.clients) if where == "client" else 1)
+        m = classification_metrics(pred, held.labels, num_labels)
+        dp_rows.append(f"| {layer} | {name} | {mean_share(xt):.3f} | {eps:g} | {where} | {centre} "
+                       f"| {sigma:.3f} | {m['accuracy']:.3f} | {m['f1_macro']:.3f} |")
   if dp_rows:
     print(f"\nDP probe: rate {args.dp_rate}, {args.dp_steps} steps, clip {args.dp_clip}, lr "
           f"{args.dp_lr}, momentum {args.dp_momentum}, private mean sigma {args.centre_sigma}, "
           f"delta 1e-5 (PLD), {len(train)} training rows")
-    print("| layer | feature | mean share | eps | centre | sigma | accuracy | macro F1 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layer | feature | mean share | eps | noise at | centre | sigma | accuracy | macro F1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(dp_rows))
 
 
