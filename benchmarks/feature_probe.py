@@ -25,7 +25,8 @@ own sums (the default local release: K times the variance on the total, simulate
 that variance); hyperparameters fixed in advance, not tuned on the held-out rows.
 
 The training rows are private data in a deployment: this is a research diagnostic on public
-TFNS, nothing here is released or accounted. Prints one markdown table.
+TFNS. The non-private probe and the "mean share" column are unnoised statistics of them, never
+released by a run; the DP read-out's eps is as stated above. Prints markdown tables.
 """
 
 from __future__ import annotations
