@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from dplora_jax import build as build_lib, lora as lora_lib
 from dplora_jax.data import classification
@@ -167,6 +168,29 @@ def mean_share(x: np.ndarray) -> float:
   return float(jnp.sum(statistics.unit_rows(x).mean(0) ** 2))
 
 
+ATTENTION_NORM = {"llama": "attn_norm", "gpt2": "ln_1"}  # the norm in front of q / k / v
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "norm_graphdef"))
+def _attention_input(graphdef, lora, frozen, norm_graphdef, norm_state, tokens, mask):
+  return nnx.merge(norm_graphdef, norm_state)(
+      lora_lib.frozen_prefix(graphdef, lora, frozen, tokens, mask))
+
+
+def attention_input_share(s, examples, layer: int) -> tuple[float, float]:
+  """(mean share of the tokens, mean share of each example's mean over its tokens) of the input
+  of layer `layer`'s q / k / v (its attention norm applied to `frozen_prefix`): the rows a LoRA A
+  factor there multiplies. `s.lora` must be attached with `first_layer=layer`."""
+  model = nnx.merge(s.graphdef, s.lora, s.frozen)
+  norm_graphdef, norm_state = nnx.split(getattr(model.layers, ATTENTION_NORM[model.family]))
+  norm_state = jax.tree.map(lambda a: a[layer], norm_state)
+  x = np.asarray(_attention_input(s.graphdef, s.lora, s.frozen, norm_graphdef, norm_state,
+                                  examples.tokens, examples.mask))
+  mask = np.asarray(examples.mask).astype(bool)
+  means = (x * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  return mean_share(x[mask]), mean_share(means)
+
+
 def _rms(x: np.ndarray) -> np.ndarray:
   """Rows scaled to unit RMS (what a LoRA factor of a normed layer input sees, before its gain)."""
   return x / np.sqrt((x ** 2).mean(1, keepdims=True))
@@ -180,6 +204,8 @@ def main(argv=None):
   p.add_argument("--ranks", default="16,64", help="random projections (FFA's frozen A); '' = none")
   p.add_argument("--l2", type=float, default=0.03, help="L2 weight on the standardised probe")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--input-share", type=int, default=0, help="N > 0: the mean share of the q / k / v "
+                 "input (tokens, and each example's token mean) on N training rows")
   p.add_argument("--dp-eps", default="", help="eps list of the DP probe ('inf' = no noise); '' = none")
   p.add_argument("--dp-rate", type=float, default=0.1)
   p.add_argument("--dp-steps", type=int, default=300)
@@ -197,7 +223,7 @@ def main(argv=None):
   if not set(noise_at) <= {"server", "client"}:
     p.error(f"--dp-noise-at={args.dp_noise_at!r}: expected server, client or server,client")
   dp_key = DPRandomness(args.dp_seed).noise_key
-  dp_rows = []
+  dp_rows, share_rows = [], []
   print("| layer | feature | dims | accuracy | macro F1 | features s |")
   print("|---|---|---|---|---|---|")
   for layer in (int(x) for x in args.layers.split(",")):
@@ -208,6 +234,9 @@ def main(argv=None):
     train = train.subset(np.sort(pick))
     held = s.task.train_examples(s.eval_items, s.tokenizer, cfg.data)
     num_labels = len(cfg.data.labels)
+    if args.input_share:
+      tokens, examples = attention_input_share(s, train.subset(np.arange(args.input_share)), layer)
+      share_rows.append(f"| {layer} | {args.input_share} | {tokens:.3f} | {examples:.3f} |")
     t0 = time.time()
     (tr_last, tr_mean), (ev_last, ev_mean) = features(s, train), features(s, held)
     secs = time.time() - t0
@@ -234,6 +263,11 @@ def main(argv=None):
         m = classification_metrics(pred, held.labels, num_labels)
         dp_rows.append(f"| {layer} | {name} | {mean_share(xt):.3f} | {eps:g} | {where} | {centre} "
                        f"| {sigma:.3f} | {m['accuracy']:.3f} | {m['f1_macro']:.3f} |")
+  if share_rows:
+    print("\nMean share of the q / k / v input (unit rows, |mean|^2)")
+    print("| layer | rows | per token | per example (its token mean) |")
+    print("|---|---|---|---|")
+    print("\n".join(share_rows))
   if dp_rows:
     print(f"\nDP probe: rate {args.dp_rate}, {args.dp_steps} steps, clip {args.dp_clip}, lr "
           f"{args.dp_lr}, momentum {args.dp_momentum}, private mean sigma {args.centre_sigma}, "

@@ -102,6 +102,16 @@ def test_the_feature_probe_reads_the_prompt_only_and_fits_a_separable_set():
   h = np.asarray(lora_lib.frozen_prefix(graphdef, lora, frozen, tokens, mask))
   np.testing.assert_allclose(last, h[:, p - 1], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(mean, h[:, :p].mean(1), rtol=1e-5, atol=1e-5)
+  # the q / k / v input's mean share: layer 1's attention RMSNorm of the prefix, by hand
+  model = lora_lib.merge(graphdef, lora, frozen)
+  x = h / np.sqrt((h ** 2).mean(-1, keepdims=True) + tiny.ARCH.norm_eps)
+  x = x * np.asarray(model.layers.attn_norm.scale[...])[1]
+  unit = lambda r: r / np.linalg.norm(r, axis=-1, keepdims=True)
+  share = lambda r: float((unit(r).mean(0) ** 2).sum())
+  per_example = (x * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  got = feature_probe.attention_input_share(s, ex(tokens), 1)
+  np.testing.assert_allclose(got, (share(x[mask]), share(per_example)), rtol=1e-4)
+  assert 0 < got[0] < got[1] <= 1
 
   centers = 4.0 * np.eye(3, 5)
   y = rng.integers(0, 3, 90)
