@@ -235,8 +235,9 @@ def main(argv=None):
     held = s.task.train_examples(s.eval_items, s.tokenizer, cfg.data)
     num_labels = len(cfg.data.labels)
     if args.input_share:
-      tokens, examples = attention_input_share(s, train.subset(np.arange(args.input_share)), layer)
-      share_rows.append(f"| {layer} | {args.input_share} | {tokens:.3f} | {examples:.3f} |")
+      rows = min(args.input_share, len(train))
+      tokens, examples = attention_input_share(s, train.subset(np.arange(rows)), layer)
+      share_rows.append(f"| {layer} | {rows} | {tokens:.3f} | {examples:.3f} |")
     t0 = time.time()
     (tr_last, tr_mean), (ev_last, ev_mean) = features(s, train), features(s, held)
     secs = time.time() - t0
