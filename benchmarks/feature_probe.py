@@ -142,6 +142,11 @@ def dp_probe(key, x_train, y_train, x_eval, num_labels: int, *, epsilon: float, 
   k_mean, k_sgd = jax.random.split(key)
   u, ue = statistics.unit_rows(x_train), statistics.unit_rows(x_eval)
   prior = [statistics.mean_event(centre_sigma)] if centre == "private mean" else []
+  if prior and not np.isinf(epsilon):
+    spent = accounting.epsilon(prior[0], delta, "pld")
+    if spent >= epsilon:
+      raise ValueError(f"--centre-sigma={centre_sigma}: the centre's release alone spends eps "
+                       f"{spent:.2f} >= {epsilon:g} at delta {delta:g}; raise it.")
   if np.isinf(epsilon):
     sigma = 0.0
   else:
@@ -256,14 +261,18 @@ def main(argv=None):
         if np.isinf(eps) and where == "client":
           continue  # no noise: the placement does not matter
         dp_key, k = jax.random.split(dp_key)
-        pred, sigma = dp_probe(k, xt, train.labels, xe, num_labels, epsilon=eps, centre=centre,
-                               rate=args.dp_rate, steps=args.dp_steps, clip=args.dp_clip,
-                               lr=args.dp_lr, momentum=args.dp_momentum,
-                               centre_sigma=args.centre_sigma,
-                               noisers=len(s.clients) if where == "client" else 1)
+        row = f"| {layer} | {name} | {mean_share(xt):.3f} | {eps:g} | {where} | {centre} "
+        try:
+          pred, sigma = dp_probe(k, xt, train.labels, xe, num_labels, epsilon=eps, centre=centre,
+                                 rate=args.dp_rate, steps=args.dp_steps, clip=args.dp_clip,
+                                 lr=args.dp_lr, momentum=args.dp_momentum,
+                                 centre_sigma=args.centre_sigma,
+                                 noisers=len(s.clients) if where == "client" else 1)
+        except ValueError as e:  # an eps the plan cannot reach: say so in its row
+          dp_rows.append(row + f"| - | unreachable: {e} | - |")
+          continue
         m = classification_metrics(pred, held.labels, num_labels)
-        dp_rows.append(f"| {layer} | {name} | {mean_share(xt):.3f} | {eps:g} | {where} | {centre} "
-                       f"| {sigma:.3f} | {m['accuracy']:.3f} | {m['f1_macro']:.3f} |")
+        dp_rows.append(row + f"| {sigma:.3f} | {m['accuracy']:.3f} | {m['f1_macro']:.3f} |")
   if share_rows:
     print("\nMean share of the q / k / v input (unit rows, |mean|^2)")
     print("| layer | rows | per token | per example (its token mean) |")

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from benchmarks import profile_step
 
@@ -152,3 +153,7 @@ def test_the_dp_probe_accounts_the_mean_and_every_step_and_centring_frees_the_cl
     assert eps(sigma) <= 2.0 * 1.01 and eps(0.97 * sigma) > 2.0
   assert acc["private mean"] > 0.9 and acc["exact mean (not private)"] > 0.9
   assert acc["none"] < acc["private mean"] - 0.2
+  # a centre noised so little that it alone spends the target: refused, naming the flag
+  with pytest.raises(ValueError, match="--centre-sigma=1.5: the centre's release alone"):
+    feature_probe.dp_probe(jax.random.key(1), x[:n], y[:n], x[n:], 3, epsilon=2.0,
+                           centre="private mean", **(kw | {"centre_sigma": 1.5}))
