@@ -44,7 +44,7 @@ from flax import nnx
 
 from dplora_jax import build as build_lib, lora as lora_lib
 from dplora_jax.data import classification
-from dplora_jax.dp import accounting, clipping, noise, statistics
+from dplora_jax.dp import accounting, clipping, mechanisms, statistics
 from dplora_jax.dp.randomness import DPRandomness
 from dplora_jax.tasks.metrics import classification_metrics
 from launch import cli
@@ -120,12 +120,31 @@ def _dp_sgd(key, z, labels, num_labels: int, steps: int, rate, sigma, clip, lr, 
     r = jax.nn.softmax(z1 @ w) - onehot
     factors = clipping.clip_factors(
         jnp.linalg.norm(z1, axis=1) * jnp.linalg.norm(r, axis=1), clip, keep)
-    g = noise.gaussian_release(k_noise, z1.T @ (r * factors[:, None]), clip, sigma) / (rate * n)
+    g = mechanisms.DPSGD(clip, sigma, rate * n).release(k_noise, z1.T @ (r * factors[:, None]))
     v = momentum * v + g
     return (w - lr * v, v), None
 
   (w, _), _ = jax.lax.scan(step, (w0, w0), jax.random.split(key, steps))
   return w
+
+
+@functools.lru_cache(maxsize=None)
+def _step_sigma(epsilon: float, delta: float, rate: float, steps: int,
+                centre_sigma: float | None) -> float:
+  """The steps' sigma (PLD) for eps over `steps` sampled Gaussians, after the private mean's
+  release when `centre_sigma` is given (0 for eps inf). Cached: the uncentred and exact-mean
+  read-outs share it, and every placement and feature repeats it."""
+  if np.isinf(epsilon):
+    return 0.0
+  prior = [] if centre_sigma is None else [statistics.mean_event(centre_sigma)]
+  if prior:
+    spent = accounting.epsilon(prior[0], delta, "pld")
+    if spent >= epsilon:
+      raise ValueError(f"--centre-sigma={centre_sigma}: the centre's release alone spends eps "
+                       f"{spent:.2f} >= {epsilon:g} at delta {delta:g}; raise it.")
+  return accounting.calibrate(
+      lambda s: accounting.composed_event(prior + [accounting.dpsgd_event(rate, s, steps)]),
+      epsilon, delta, "pld", field="--dp-eps")
 
 
 def dp_probe(key, x_train, y_train, x_eval, num_labels: int, *, epsilon: float, centre: str,
@@ -141,18 +160,8 @@ def dp_probe(key, x_train, y_train, x_eval, num_labels: int, *, epsilon: float, 
     raise ValueError(f"centre={centre!r}; expected one of {CENTRES}.")
   k_mean, k_sgd = jax.random.split(key)
   u, ue = statistics.unit_rows(x_train), statistics.unit_rows(x_eval)
-  prior = [statistics.mean_event(centre_sigma)] if centre == "private mean" else []
-  if prior and not np.isinf(epsilon):
-    spent = accounting.epsilon(prior[0], delta, "pld")
-    if spent >= epsilon:
-      raise ValueError(f"--centre-sigma={centre_sigma}: the centre's release alone spends eps "
-                       f"{spent:.2f} >= {epsilon:g} at delta {delta:g}; raise it.")
-  if np.isinf(epsilon):
-    sigma = 0.0
-  else:
-    sigma = accounting.calibrate(
-        lambda s: accounting.composed_event(prior + [accounting.dpsgd_event(rate, s, steps)]),
-        epsilon, delta, "pld", field="--dp-eps")
+  sigma = _step_sigma(epsilon, delta, rate, steps,
+                      centre_sigma if centre == "private mean" else None)
   if centre == "none":
     c = jnp.zeros(u.shape[1])
   elif centre == "private mean":
@@ -250,6 +259,7 @@ def main(argv=None):
     projections = {r: np.random.default_rng(args.seed).normal(size=(width, r)).astype(np.float32)
                    for r in ranks}
     for name, xt, xe in (("last", tr_last, ev_last), ("prompt mean", tr_mean, ev_mean)):
+      share = mean_share(xt) if dp_eps else 0.0
       views = [(str(width), xt, xe)]
       views += [(f"{r} (random)", _rms(xt) @ a, _rms(xe) @ a) for r, a in projections.items()]
       for dims, ft, fe in views:
@@ -261,7 +271,7 @@ def main(argv=None):
         if np.isinf(eps) and where == "client":
           continue  # no noise: the placement does not matter
         dp_key, k = jax.random.split(dp_key)
-        row = f"| {layer} | {name} | {mean_share(xt):.3f} | {eps:g} | {where} | {centre} "
+        row = f"| {layer} | {name} | {share:.3f} | {eps:g} | {where} | {centre} "
         try:
           pred, sigma = dp_probe(k, xt, train.labels, xe, num_labels, epsilon=eps, centre=centre,
                                  rate=args.dp_rate, steps=args.dp_steps, clip=args.dp_clip,

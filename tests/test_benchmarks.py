@@ -153,6 +153,12 @@ def test_the_dp_probe_accounts_the_mean_and_every_step_and_centring_frees_the_cl
     assert eps(sigma) <= 2.0 * 1.01 and eps(0.97 * sigma) > 2.0
   assert acc["private mean"] > 0.9 and acc["exact mean (not private)"] > 0.9
   assert acc["none"] < acc["private mean"] - 0.2
+  # the steps' noise: one step at rate 1 on all-zero rows leaves only the bias row's gradient,
+  # so every other weight is -lr * N(0, (sigma C)^2) / n: its spread is sigma C / n
+  rows, sigma_t, clip_t = 2000, 3.0, 0.5
+  w = feature_probe._dp_sgd(jax.random.key(5), jnp.zeros((rows, 2000)), jnp.zeros(rows, jnp.int32),
+                            3, 1, 1.0, sigma_t, clip_t, 1.0, 0.0)
+  assert float(jnp.std(w[:-1])) == pytest.approx(sigma_t * clip_t / rows, rel=0.05)
   # a centre noised so little that it alone spends the target: refused, naming the flag
   with pytest.raises(ValueError, match="--centre-sigma=1.5: the centre's release alone"):
     feature_probe.dp_probe(jax.random.key(1), x[:n], y[:n], x[n:], 3, epsilon=2.0,
