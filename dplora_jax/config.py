@@ -155,6 +155,9 @@ class DPConfig:
   # clients' clipped, un-noised sums and noises the total once (sqrt(participants) less noise on
   # the average at the same eps; the same accounting); needs fed.local_steps=1 and plain SGD.
   noise_at: str = "client"
+  # lora.centre: the noise multiplier of the centre's one release (sensitivity 1 per example; its
+  # Gaussian event is composed into the example-level guarantee; noised where dp.noise_at says)
+  centre_noise_multiplier: float = 4.0
   # -1: every source of DP randomness (noise, example and client sampling, truncation) comes from
   # OS entropy (secret); >= 0 seeds them all, for reproductions only: anyone with the config can
   # then regenerate the noise and the samples (the report says so).
@@ -188,6 +191,8 @@ class DPConfig:
     if self.noise_at == "server":
       _check(self.mode == "sample", "dp.noise_at", self.noise_at,
              "'client' unless dp.mode='sample' (the aggregator noises the example-level sum)")
+    _check(self.centre_noise_multiplier > 0 and math.isfinite(self.centre_noise_multiplier),
+           "dp.centre_noise_multiplier", self.centre_noise_multiplier, "a finite number > 0")
     _check(isinstance(self.reproducible_seed, int) and self.reproducible_seed >= -1,
            "dp.reproducible_seed", self.reproducible_seed, "-1 (OS entropy) or an integer >= 0")
     if self.mode in ("sample", "sample+client", "paper"):
@@ -394,6 +399,17 @@ class RunConfig:
       if self.data.sampling != "shuffle":
         raise ValueError(f"data.sampling={self.data.sampling!r} with dp.mode='paper': Algorithm 1 "
                          "takes a batch of exactly B examples; set data.sampling='shuffle'.")
+    if self.lora.centre != "none":
+      if dp.mode not in ("none", "sample"):
+        raise ValueError(f"lora.centre={self.lora.centre!r} with dp.mode={dp.mode!r}: the centre's "
+                         "release is accounted per example (dp.mode='sample'; or 'none'); its "
+                         "client-level and paper-mode sensitivity is not worked out.")
+      if self.lora.init_from:
+        raise ValueError(f"lora.centre={self.lora.centre!r} with lora.init_from: a new centre "
+                         "would change what the starting adapter computes; start without one.")
+      if self.mesh.fsdp > 1:
+        raise ValueError(f"lora.centre={self.lora.centre!r} with mesh.fsdp={self.mesh.fsdp}: the "
+                         "centre is computed on whole frozen weights; use mesh.fsdp=1.")
     if fed.aggregation == "ffa" and self.lora.init == "zero_a":
       raise ValueError("fed.aggregation='ffa' with lora.init='zero_a': FFA-LoRA keeps A at its "
                        "initial value, so a zero A would never train; use lora.init='kaiming' or "

@@ -8,7 +8,7 @@ import os
 from dplora_jax import build, checkpoint as ckpt_lib, config as config_lib, lora as lora_lib
 from dplora_jax import peft
 from dplora_jax.dp.ledger import Ledger
-from dplora_jax.federated import round as round_lib
+from dplora_jax.federated import centre as centre_lib, round as round_lib
 
 
 def load_trained(workdir: str):
@@ -36,6 +36,12 @@ def load_trained(workdir: str):
     target = ckpt_lib.state_tree(round_lib.init_state(lora, server_tx))
     tree = ckpt.restore_state(latest, target)
     model = lora_lib.merge(graphdef, tree["lora"], frozen)
+    if cfg.lora.centre != "none":
+      values = centre_lib.load(workdir, cfg)
+      if values is None:
+        raise ckpt_lib.CheckpointError(f"{workdir!r}: a centred LoRA run without its "
+                                       f"{centre_lib.CENTRE_FILE}; the adapter needs it.")
+      lora_lib.set_centre(model, values)
   finally:
     ckpt.close()
   return model, cfg, meta, tok, path

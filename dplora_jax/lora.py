@@ -28,6 +28,7 @@ from dplora_jax.models.loading import FAMILY_MODULES
 
 PyTree = Any
 INITS = ("kaiming", "gaussian", "zero_a")
+CENTRES = ("none", "tokens", "loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,14 @@ class LoRAConfig:
       (the backward pass ends at first_layer: less compute) and their noised coordinates are
       zeroed before any update (`zero_below`, post-processing), so the noise lands on fewer
       trained coordinates. The factor tree keeps its full [L, ...] shape (zeros travel below).
+    centre: "none", or a centred LoRA, delta y = scaling ((x - c) A) B, where c [L, in] is a DP
+      release of the mean input of each adapted layer >= first_layer, made once before round 1
+      (`dplora_jax.federated.centre`): each example's mean over its real tokens ("tokens") or
+      over its loss positions ("loss"). Hidden states share a large common part (docs/results.md
+      4o); without the centre a clipped per-example gradient of A spends most of its norm on it.
+    centre_clip: the public bound on one example's mean input of a layer, in multiples of that
+      mean's norm on random tokens under the base model (`federated.centre.bounds`); an example
+      whose means exceed their bounds is clipped (all layers and targets together).
   """
   rank: int = 8
   alpha: float = 16.0
@@ -62,6 +71,8 @@ class LoRAConfig:
   init_from: str = ""  # a PEFT adapter directory to start from ("" = random init)
   init_from_public: bool = False  # True: the adapter is declared public (its ledger not composed)
   first_layer: int = 0  # train layers >= first_layer only (0 = all)
+  centre: str = "none"  # "tokens" / "loss": centred LoRA (a DP mean of each layer's input)
+  centre_clip: float = 2.0  # bound: this many times a layer's mean input on random tokens
 
   def __post_init__(self):
     if int(self.rank) <= 0:
@@ -72,6 +83,10 @@ class LoRAConfig:
       raise ValueError(f"lora.alpha={self.alpha}; expected > 0.")
     if int(self.first_layer) < 0:
       raise ValueError(f"lora.first_layer={self.first_layer}; expected an integer >= 0.")
+    if self.centre not in CENTRES:
+      raise ValueError(f"lora.centre={self.centre!r}; expected one of {CENTRES}.")
+    if not (float(self.centre_clip) > 0 and math.isfinite(float(self.centre_clip))):
+      raise ValueError(f"lora.centre_clip={self.centre_clip}; expected a finite number > 0.")
 
   @property
   def scaling(self) -> float:
@@ -147,6 +162,51 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> nnx.Module:
     dense.lora_a = a_type(a)
     dense.lora_b = layers.LoRAParam(b)
     dense.lora_scaling = float(cfg.scaling)
+    if cfg.centre != "none":  # zero until `set_centre`: the uncentred layer
+      dense.lora_centre = layers.LoRACentre(jnp.zeros((*stack, d_in), jnp.float32))
+  return model
+
+
+def input_sums(graphdef, lora: PyTree, frozen: PyTree, tokens: jax.Array, mask: jax.Array,
+               weights: jax.Array, hidden: jax.Array | None = None) -> dict[str, jax.Array]:
+  """{target: [L - first_layer, B, in] float32}: sum_t weights[b, t] x[b, t] of the input x of
+  each adapted Dense of the trained layers (with weights summing to 1 per example, its mean
+  input). `hidden`: the cached `frozen_prefix` of the same tokens. Not differentiated."""
+  model = nnx.merge(graphdef, lora, frozen)
+  captured = model(tokens, mask, hidden=hidden, capture_weights=weights)
+  fam = FAMILY_MODULES[model.family]
+  names = {path: name for name, path in fam.LORA_TARGETS.items()}
+  return {names[tuple(path)]: v for path, v in captured.items()}
+
+
+def centres(model: nnx.Module) -> dict[str, jax.Array]:
+  """{target: c [L, in]} of a centred LoRA model (empty when `lora.centre` is 'none')."""
+  fam = FAMILY_MODULES[model.family]
+  out = {}
+  for name, (group, attr) in fam.LORA_TARGETS.items():
+    dense = getattr(getattr(model.layers, group), attr)
+    if dense.lora_centre is not None:
+      out[name] = dense.lora_centre[...]
+  return out
+
+
+def set_centre(model: nnx.Module, values: dict[str, Any]) -> nnx.Module:
+  """Sets each target's centre c [L, in] in place (`values` from `federated.centre`).
+
+  Raises:
+    ValueError: a target without a centre, or a shape that does not match.
+  """
+  fam = FAMILY_MODULES[model.family]
+  for name, value in values.items():
+    group, attr = fam.LORA_TARGETS[name]
+    dense = getattr(getattr(model.layers, group), attr)
+    if dense.lora_centre is None:
+      raise ValueError(f"set_centre: target {name!r} has no centre (lora.centre='none'?).")
+    value = jnp.asarray(value, jnp.float32)
+    if value.shape != dense.lora_centre.shape:
+      raise ValueError(f"set_centre: target {name!r} has shape {value.shape}; expected "
+                       f"{dense.lora_centre.shape}.")
+    dense.lora_centre = layers.LoRACentre(value)
   return model
 
 
@@ -213,16 +273,32 @@ def adapted_denses(model: nnx.Module) -> dict[tuple, layers.Dense]:
           if isinstance(m, layers.Dense) and m.lora_a is not None}
 
 
+def centre_bias(dense: layers.Dense) -> jax.Array | None:
+  """-scaling (c A) B [L, out] float32: the output shift of a centred layer (None: uncentred)."""
+  if dense.lora_centre is None:
+    return None
+  ca = jnp.einsum("...i,...ir->...r", dense.lora_centre[...].astype(jnp.float32),
+                  dense.lora_a[...].astype(jnp.float32))
+  return -jnp.einsum("...r,...ro->...o", ca, dense.lora_b[...].astype(jnp.float32)) * (
+      dense.lora_scaling)
+
+
 def merge_lora(model: nnx.Module) -> nnx.Module:
-  """A copy of `model` with W <- W + scaling * A @ B folded in and the factors removed."""
+  """A copy of `model` with W <- W + scaling * A @ B folded in and the factors removed (a centred
+  layer's -scaling (c A) B goes into its bias, created when it has none)."""
   model = nnx.clone(model)
   for dense in adapted_denses(model).values():
     w = dense.kernel[...]
     delta = jnp.einsum("...ir,...ro->...io", dense.lora_a[...].astype(jnp.float32),
                        dense.lora_b[...].astype(jnp.float32)) * dense.lora_scaling
+    shift = centre_bias(dense)
+    if shift is not None:
+      old = (jnp.zeros(shift.shape, w.dtype) if dense.bias is None else dense.bias[...])
+      dense.bias = nnx.data(nnx.Param((old.astype(jnp.float32) + shift).astype(old.dtype)))
     dense.kernel = nnx.Param((w.astype(jnp.float32) + delta).astype(w.dtype))
     dense.lora_a = None
     dense.lora_b = None
+    dense.lora_centre = None
     dense.lora_scaling = 0.0
   return model
 

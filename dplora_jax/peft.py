@@ -27,6 +27,7 @@ from dplora_jax.models.loading import FAMILY_MODULES, _weight_map
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CENTRE_WEIGHTS = "dplora_lora_centre.safetensors"  # a centred LoRA's c (`lora.centre`)
 
 
 def _prefix(family: str) -> str:
@@ -47,16 +48,27 @@ def _peft_target_names(family: str, targets: list[str]) -> list[str]:
 
 
 def adapter_tensors(model: nnx.Module, targets: list[str]) -> dict[str, np.ndarray]:
-  """{PEFT key: float32 array} of the model's LoRA factors."""
+  """{PEFT key: float32 array} of the model's LoRA factors. A centred layer's shift
+  -scaling (c A) B is PEFT's `lora_bias`: lora_B's bias -(c A) B (PEFT scales it)."""
   out = {}
   for name, dense in lora_lib.target_modules(model, tuple(targets)).items():
     a = np.asarray(dense.lora_a[...], np.float32)
     b = np.asarray(dense.lora_b[...], np.float32)
+    shift = lora_lib.centre_bias(dense)
     for i in range(a.shape[0]):
       key = "base_model.model." + module_path(model.family, name, i)
       out[key + ".lora_A.weight"] = np.ascontiguousarray(a[i].T)
       out[key + ".lora_B.weight"] = np.ascontiguousarray(b[i].T)
+      if shift is not None:
+        out[key + ".lora_B.bias"] = np.asarray(shift[i], np.float32) / dense.lora_scaling
   return out
+
+
+def centre_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
+  """{target: c [L, in]} of a centred LoRA (CENTRE_WEIGHTS: lets dplora_jax load the adapter
+  back in its centred form; PEFT needs only the bias)."""
+  return {k: np.ascontiguousarray(np.asarray(v, np.float32))
+          for k, v in lora_lib.centres(model).items()}
 
 
 LEDGER_KEY = "dplora_privacy_ledger"  # safetensors metadata key: the ledger travels with weights
@@ -79,6 +91,7 @@ def export_adapter(model: nnx.Module, lora_cfg: lora_lib.LoRAConfig, out_dir: st
       "fan_in_fan_out": model.family == "gpt2", "use_rslora": bool(lora_cfg.use_rslora),
       "use_dora": False, "modules_to_save": None, "inference_mode": True,
       "base_model_name_or_path": base_model, "init_lora_weights": True,
+      "lora_bias": bool(lora_lib.centres(model)),
   }
   with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
     json.dump(config, f, indent=2)
@@ -88,6 +101,9 @@ def export_adapter(model: nnx.Module, lora_cfg: lora_lib.LoRAConfig, out_dir: st
     write_ledger(out_dir, ledger)
   save_file(adapter_tensors(model, targets), os.path.join(out_dir, ADAPTER_WEIGHTS),
             metadata=metadata)
+  centre = centre_tensors(model)
+  if centre:
+    save_file(centre, os.path.join(out_dir, CENTRE_WEIGHTS), metadata={"format": "pt"})
   if readme:
     with open(os.path.join(out_dir, "README.md"), "w") as f:
       f.write(readme)
@@ -154,9 +170,14 @@ def lora_config_of(adapter_dir: str, family: str) -> lora_lib.LoRAConfig:
       raise ValueError(f"{adapter_dir}: target module {m!r} does not exist in a {family} model.")
     targets += [t for t in hits if t not in targets]
   order = list(paths)
+  centred = bool(cfg.get("lora_bias", False))
+  if centred and not os.path.isfile(os.path.join(adapter_dir, CENTRE_WEIGHTS)):
+    raise ValueError(f"{adapter_dir}: lora_bias=true without {CENTRE_WEIGHTS}; only the lora_bias "
+                     "of a centred dplora_jax adapter is supported.")
   return lora_lib.LoRAConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
                              targets=tuple(sorted(targets, key=order.index)),
-                             use_rslora=bool(cfg.get("use_rslora", False)))
+                             use_rslora=bool(cfg.get("use_rslora", False)),
+                             centre="tokens" if centred else "none")
 
 
 def load_adapter(model: nnx.Module, adapter_dir: str,
@@ -175,6 +196,9 @@ def load_adapter(model: nnx.Module, adapter_dir: str,
   """
   got = lora_config_of(adapter_dir, model.family)
   cfg = got
+  if expect is not None and got.centre != "none":
+    raise ValueError(f"lora.init_from={adapter_dir!r} is a centred LoRA adapter (lora_bias); a run "
+                     "cannot start from one yet (its centre is a release of other data).")
   if expect is not None:
     mine = lora_lib.resolve_targets(model, expect.targets)
     for field, a, b in (("rank", expect.rank, got.rank), ("alpha", expect.alpha, got.alpha),
@@ -209,11 +233,31 @@ def load_adapter(model: nnx.Module, adapter_dir: str,
     a_type = layers.FrozenLoRAParam if cfg.freeze_a else layers.LoRAParam
     dense.lora_a = a_type(jnp.asarray(np.stack(a_l), dtype))
     dense.lora_b = layers.LoRAParam(jnp.asarray(np.stack(b_l), dtype))
+  if got.centre != "none":
+    _load_centre(model, adapter_dir, tensors, path)
   if cfg.freeze_a and any(not np.any(np.asarray(d.lora_a[...])) for d in
                           lora_lib.target_modules(model, cfg.targets).values()):
     raise ValueError(f"lora.init_from={adapter_dir!r}: the adapter's A is zero, and FFA keeps A "
                      "frozen, so nothing would train; use fed.aggregation='fedavg'.")
   return cfg
+
+
+def _load_centre(model: nnx.Module, adapter_dir: str, tensors: dict, path: str):
+  """Sets the centre of CENTRE_WEIGHTS and checks that it gives the adapter's lora_B biases."""
+  cpath = os.path.join(adapter_dir, CENTRE_WEIGHTS)
+  try:
+    lora_lib.set_centre(model, load_file(cpath))
+  except Exception as e:
+    raise ValueError(f"{cpath}: not the centre of this adapter ({e}).") from e
+  for name, dense in lora_lib.target_modules(model, ()).items():
+    if dense.lora_centre is None:
+      continue
+    shift = np.asarray(lora_lib.centre_bias(dense)) / dense.lora_scaling
+    for i in range(shift.shape[0]):
+      key = "base_model.model." + module_path(model.family, name, i) + ".lora_B.bias"
+      bias = tensors.get(key)
+      if bias is None or not np.allclose(bias, shift[i], rtol=1e-4, atol=1e-5):
+        raise ValueError(f"{path}: tensor {key!r} is missing or is not -(c A) B of {cpath}.")
 
 
 def _hf_config(model_cfg, source_path: str) -> dict:
@@ -242,6 +286,10 @@ def export_merged(model: nnx.Module, model_cfg, tokenizer, out_dir: str, *,
                   source_path: str = "") -> str:
   """Writes base + LoRA merged as an HF model directory (config.json, model.safetensors,
   tokenizer files)."""
+  if lora_lib.centres(model):
+    raise ValueError("a centred LoRA (lora.centre) merges into a bias that the Hugging Face "
+                     "layers it adapts may not have; export the PEFT adapter (its lora_bias) "
+                     "instead.")
   merged = lora_lib.merge_lora(model)
   state = nnx.state(merged, nnx.Param)
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))

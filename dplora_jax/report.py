@@ -91,8 +91,13 @@ def privacy_lines(mechs: list[dict]) -> list[str]:
             f"{m['releases_per_round'] * m['rounds']} releases, {m['accountant']}); "
             f"unit: {m['unit']}")
     lines.append(line)
-    if m.get("prior"):
-      lines.append(f"    includes {len(m['prior'])} earlier segment(s) from the starting adapter's "
+    centre = [g for g in m.get("prior", ()) if g["source"] == "lora centre"]
+    earlier = [g for g in m.get("prior", ()) if g["source"] != "lora centre"]
+    for g in centre:
+      lines.append(f"    includes the LoRA centre's release before round 1 (Gaussian, noise "
+                   f"multiplier {g['noise_multiplier']:.3f}, no sampling)")
+    if earlier:
+      lines.append(f"    includes {len(earlier)} earlier segment(s) from the starting adapter's "
                    "ledger")
     if m["name"] == "example":
       d = m["details"]

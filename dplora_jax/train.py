@@ -26,7 +26,7 @@ from dplora_jax import config as config_lib, lora as lora_lib
 from dplora_jax.config import RunConfig
 from dplora_jax.data import buckets as buckets_lib
 from dplora_jax.dp import release
-from dplora_jax.federated import round as round_lib
+from dplora_jax.federated import centre as centre_lib, round as round_lib
 from dplora_jax.dp.randomness import DPRandomness
 from dplora_jax.host_state import HostState
 from dplora_jax.metrics import Communication, JsonlWriter, TensorBoardWriter
@@ -79,15 +79,10 @@ def _prefix_cache(s, stacked: dict, rows, chunk: int = 32) -> np.ndarray:
   shape = jax.eval_shape(fn, s.lora, s.frozen, np.zeros((chunk, t), tokens.dtype),
                          np.zeros((chunk, t), mask.dtype))
   out = np.zeros((slots, n, t, shape.shape[-1]), shape.dtype)
-  widths = buckets_lib.bucket_lengths(t, max(1, t // 8))
   for i in (range(slots) if rows is None else rows):
     if i >= len(s.clients):
       continue
-    lengths = mask[i, :len(s.clients[i])].sum(1)
-    order = np.argsort(lengths, kind="stable")
-    for j in range(0, len(order), chunk):
-      sel = order[j:j + chunk]
-      width = next(w for w in widths if w >= max(int(lengths[sel].max()), 1))
+    for sel, width in buckets_lib.length_chunks(mask[i, :len(s.clients[i])].sum(1), t, chunk):
       tok, m = tokens[i, sel, :width], mask[i, sel, :width]
       if len(sel) < chunk:  # one shape per width, one compile
         tok = np.concatenate([tok, np.zeros((chunk - len(sel), width), tok.dtype)])
@@ -184,6 +179,9 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
       print(f"frozen layers 0-{cfg.lora.first_layer - 1}: each client's activations computed "
             f"once ({report.human_bytes(stacked['hidden'].nbytes)}, {time.time() - t0:.0f} s)",
             flush=True)
+  if cfg.lora.centre != "none":  # before anything evaluates or trains: part of the model
+    centre_lib.ensure(cfg, s, stacked, randomness.centre_key, workdir, main, progress,
+                      resumed=meta is not None)
   data = round_lib.shard_clients(mesh, stacked)
   del stacked
   client_ids = round_lib.shard_clients(mesh, np.arange(slots, dtype=np.int32))

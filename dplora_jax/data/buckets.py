@@ -58,3 +58,15 @@ def microbatch_buckets(idx: np.ndarray, valid: np.ndarray, lengths: list[np.ndar
   if (out >= len(buckets)).any():
     raise ValueError(f"an example is longer than the longest bucket {buckets[-1]}.")
   return out
+
+
+def length_chunks(lengths: np.ndarray, max_length: int, chunk: int):
+  """Yields (row indices, width): the rows shortest first, `chunk` at a time, each at the
+  shortest multiple-of-8 width (of `bucket_lengths(max_length, max_length // 8)`) holding its
+  longest row; for one-off passes over a client's rows (a right-padded row computes the same
+  values at its real positions at any width that holds it)."""
+  widths = bucket_lengths(max_length, max(1, max_length // 8))
+  order = np.argsort(lengths, kind="stable")
+  for j in range(0, len(order), chunk):
+    sel = order[j:j + chunk]
+    yield sel, next(w for w in widths if w >= max(int(lengths[sel].max()), 1))

@@ -178,7 +178,7 @@ def check_deployable(cfg) -> None:
 
   Raises:
     ValueError: paper mode, adaptive client clipping, weighting by size, no public size bound,
-      noise added by the aggregator.
+      noise added by the aggregator, a centred LoRA.
   """
   if cfg.dp.mode not in SUPPORTED_MODES:
     raise ValueError(f"dp.mode={cfg.dp.mode!r} is not deployable; use one of {SUPPORTED_MODES}.")
@@ -192,6 +192,10 @@ def check_deployable(cfg) -> None:
                      "dp.client_clip_norm.")
   if cfg.fed.weighting != "uniform":
     raise ValueError("fed.weighting='examples' needs every client's size; use 'uniform'.")
+  if cfg.lora.centre != "none":
+    raise ValueError(f"lora.centre={cfg.lora.centre!r} is not deployable yet: the server has no "
+                     "round that gathers the clients' noised centre sums; use lora.centre='none' "
+                     "(or the one-program simulation, launch.train).")
   if not cfg.data.max_client_size:
     raise ValueError("data.max_client_size=0: a deployment needs the public bound on client "
                      "sizes (the clients' sampling rate and batch derive from it).")

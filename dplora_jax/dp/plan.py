@@ -23,6 +23,9 @@ ledger of a starting adapter; never the data or the realised client sizes.
   With dp.noise_at='server' the same Gaussian is applied once per round by a trusted aggregator
   to the sum of the clients' clipped sums (`CentralDPSGD`): an example lies in one client, the
   other clients' sums do not depend on it, so the event (q, sigma, truncation) is the same one.
+  A centred LoRA (`lora.centre`) releases the mean input of each adapted layer once before round
+  1: one Gaussian of sensitivity 1 per example (`federated.centre`), composed into this unit's
+  guarantee as a segment of its own ("lora centre"); sigma of the steps is calibrated around it.
 - "client" (dp.mode client / sample+client): DP-FedAvg (McMahan et al. 2018). Unit: one whole
   client (add/remove of its dataset). Each round is a Poisson-sampled (rate p) Gaussian on the sum
   of client updates clipped to S; client sampling is credited. With adaptive clipping (Andrew et
@@ -334,6 +337,14 @@ def _paper(cfg, prior: tuple[Segment, ...]):
   return mech, PaperGroups(float(dp.clip_norm), std)
 
 
+def centre_segments(cfg) -> tuple[Segment, ...]:
+  """The centred LoRA's release (`lora.centre`, `federated.centre`): one Gaussian of sensitivity 1
+  per example, over every client's whole data (no sampling), made once before round 1."""
+  if cfg.lora.centre == "none" or not cfg.dp.sample_level:
+    return ()
+  return (Segment(1.0, float(cfg.dp.centre_noise_multiplier), 1, source="lora centre"),)
+
+
 def priors_from(cfg, ledger: Ledger | None) -> dict[str, tuple[Segment, ...]]:
   """Segments of a starting adapter's ledger per mechanism of `cfg` (see `make_plan`).
 
@@ -379,7 +390,8 @@ def make_plan(cfg, prior: Ledger | None = None) -> PrivacyPlan:
   priors = priors_from(cfg, prior)
   mechanisms, kw = [], {}
   if cfg.dp.sample_level:
-    mech, kw["dpsgd"], kw["max_batch"] = _example(cfg, priors.get("example", ()))
+    mech, kw["dpsgd"], kw["max_batch"] = _example(
+        cfg, priors.get("example", ()) + centre_segments(cfg))
     mechanisms.append(mech)
     if cfg.dp.noise_at == "server":
       kw["central"] = CentralDPSGD(kw["dpsgd"], float(cfg.optim.learning_rate))

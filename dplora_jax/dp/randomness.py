@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 # Children of the root, one per purpose; each feeds one thing only.
-NOISE, EXAMPLES, CLIENTS = 0, 1, 2
+NOISE, EXAMPLES, CLIENTS, CENTRE = 0, 1, 2, 3
 
 
 def _key_from(seq: np.random.SeedSequence) -> jax.Array:
@@ -39,6 +39,7 @@ class DPRandomness:
   Attributes:
     source: "os-entropy" or "reproducible seed N (not secret)".
     noise_key: the DP-noise key (clients and server derive per-round keys from it).
+    centre_key: the key of the centred LoRA's release (`lora.centre`), used once per run.
   """
 
   def __init__(self, reproducible_seed: int = -1, *, _root: int | None = None):
@@ -54,6 +55,8 @@ class DPRandomness:
                    "regenerate the noise and the samples)")
     self._root = root
     self.noise_key = _key_from(np.random.SeedSequence(root, spawn_key=(NOISE,)))
+    # the noise of the centred LoRA's one release (`federated.centre`), its own stream
+    self.centre_key = _key_from(np.random.SeedSequence(root, spawn_key=(CENTRE,)))
 
   def examples(self, client: int, round_: int) -> np.random.Generator:
     """The generator of client `client`'s Poisson samples (and truncation) in round `round_`

@@ -41,3 +41,51 @@ def private_mean(key: jax.Array, x: jax.Array, noise_multiplier: float) -> jax.A
 def mean_event(noise_multiplier: float):
   """The dp-accounting event of one `private_mean` release."""
   return dp_accounting.GaussianDpEvent(noise_multiplier)
+
+
+# One example's contribution to a released mean is the vector [COUNT v, COUNT] of L2 norm <= 1,
+# with its scaled rows v clipped to norm 1 and the constant count coordinate: the numerator and
+# the count are released by one Gaussian of sensitivity 1, and their ratio is the mean (nothing of
+# the private data, not even the number of examples, is used un-noised).
+COUNT = 2 ** -0.5
+
+
+def clipped_rows(blocks: dict[str, jax.Array], bounds: dict) -> dict[str, jax.Array]:
+  """COUNT * each example's blocks {name: [n, F]} divided by their public `bounds` (a number or
+  an [F] array per block) and, concatenated over the blocks, clipped to L2 norm 1 (a per-example
+  map: the result has norm <= COUNT)."""
+  scaled = {k: jnp.asarray(v, jnp.float32) / jnp.asarray(bounds[k], jnp.float32)
+            for k, v in blocks.items()}
+  sq = sum(jnp.sum(jnp.square(v), axis=1) for v in scaled.values())
+  factor = COUNT * jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.sqrt(sq), 1e-30))
+  return {k: v * factor[:, None] for k, v in scaled.items()}
+
+
+def mean_sums(blocks: dict[str, jax.Array], bounds: dict,
+              valid: jax.Array | None = None) -> tuple[dict[str, jax.Array], jax.Array]:
+  """(sum of `clipped_rows` per block, COUNT * number of examples): one party's un-noised
+  contribution to `release_mean_sums`; rows where `valid` is False contribute exactly zero."""
+  rows = clipped_rows(blocks, bounds)
+  n = next(iter(rows.values())).shape[0]
+  valid = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
+  sums = {k: jnp.where(valid[:, None], v, 0.0).sum(0) for k, v in rows.items()}
+  return sums, COUNT * valid.sum().astype(jnp.float32)
+
+
+def release_mean_sums(key: jax.Array, sums: dict[str, jax.Array], count: jax.Array,
+                      noise_multiplier: float):
+  """The Gaussian mechanism on (sums, count): every coordinate gets N(0, sigma^2) (sensitivity 1
+  under add/remove of one example: its contribution has norm <= 1). sigma 0 returns them exact
+  (a non-private run's clipped mean)."""
+  if noise_multiplier < 0:
+    raise ValueError(f"noise_multiplier={noise_multiplier}; expected >= 0.")
+  return noise.gaussian_release(key, (sums, jnp.asarray(count, jnp.float32)), 1.0,
+                                noise_multiplier)
+
+
+def mean_from_sums(sums: dict[str, jax.Array], count: jax.Array, bounds: dict,
+                   min_count: float = 1.0) -> dict[str, jax.Array]:
+  """The mean in the rows' units, bounds * sums / count (COUNT cancels): post-processing of
+  released sums (the released count is floored at `min_count` examples)."""
+  n = jnp.maximum(jnp.asarray(count, jnp.float32), COUNT * min_count)
+  return {k: v * jnp.asarray(bounds[k], jnp.float32) / n for k, v in sums.items()}

@@ -94,7 +94,7 @@ class GPT2(nnx.Module):
                positions: jax.Array | None = None, cache: dict | None = None,
                cache_mask: jax.Array | None = None, cache_index: jax.Array | int = 0,
                logits_at: jax.Array | None = None, hidden: jax.Array | None = None,
-               prefix_only: bool = False):
+               prefix_only: bool = False, capture_weights: jax.Array | None = None):
     b, t = tokens.shape
     if mask is None:
       mask = jnp.ones((b, t), bool)
@@ -112,9 +112,12 @@ class GPT2(nnx.Module):
     x, new_cache = layers.scan_blocks(self.layers, x, cache, layer, part=part,
                                       remat=self.config.remat,
                                       remat_policy=self.config.remat_policy,
-                                      first_trained=self.lora_first_layer)
+                                      first_trained=self.lora_first_layer,
+                                      capture=layers.weighted_token_sum(capture_weights))
     if prefix_only:
       return x
+    if capture_weights is not None:
+      return new_cache[1]
     if logits_at is not None:  # only these positions reach the head (and the softmax after it)
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     logits = self.wte.attend(self.ln_f(x)).astype(jnp.float32)

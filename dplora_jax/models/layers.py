@@ -7,6 +7,7 @@ layer and compile time does not grow with depth.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -25,6 +26,35 @@ class FrozenLoRAParam(nnx.Variable):
   """A LoRA factor kept at its initial value (A under FFA-LoRA): part of the adapter, never trained."""
 
 
+class LoRACentre(nnx.Variable):
+  """The centre c [L, in] of a centred LoRA layer (delta y = s (x - c) A B): a DP release of the
+  mean of the layer's input, set once before training (`dplora_jax.federated.centre`); never
+  differentiated, never sent by a client."""
+
+
+class _Capture:
+  """The inputs of the adapted Dense layers called while it is active, each reduced at once."""
+
+  def __init__(self, reduce: Callable[[jax.Array], jax.Array]):
+    self.reduce = reduce
+    self.items: list[tuple[nnx.Module, jax.Array]] = []
+
+
+_CAPTURES: list[_Capture] = []
+
+
+@contextlib.contextmanager
+def capture_lora_inputs(reduce: Callable[[jax.Array], jax.Array]):
+  """Within the block, every Dense that carries LoRA factors records `reduce(its input)` (one
+  trace; `scan_blocks(capture=...)` returns them as per-layer outputs)."""
+  capture = _Capture(reduce)
+  _CAPTURES.append(capture)
+  try:
+    yield capture
+  finally:
+    _CAPTURES.pop()
+
+
 def _normal(key, shape, dtype, std=0.02):
   return (std * jax.random.normal(key, shape)).astype(dtype)
 
@@ -33,7 +63,8 @@ class Dense(nnx.Module):
   """y = x W (+ b) (+ scaling * (x A) B). Kernel layout [in, out] (Flax), optionally stacked.
 
   LoRA factors are attached by `dplora_jax.lora.add_lora` as attributes `lora_a` [in, r] and
-  `lora_b` [r, out] with the float `lora_scaling`.
+  `lora_b` [r, out] with the float `lora_scaling`; a centred LoRA (`lora.centre`) also has
+  `lora_centre` [in] and computes scaling * ((x - c) A) B.
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool, stack: tuple = (),
@@ -46,6 +77,7 @@ class Dense(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((*stack, out_features), param_dtype)) if use_bias else None
     self.lora_a = nnx.data(None)  # data attributes: filled by add_lora
     self.lora_b = nnx.data(None)
+    self.lora_centre = nnx.data(None)
     self.lora_scaling = 0.0
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -54,9 +86,12 @@ class Dense(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora_a is not None:
+      if _CAPTURES:
+        _CAPTURES[-1].items.append((self, _CAPTURES[-1].reduce(x)))
       a = self.lora_a[...].astype(self.dtype)
       b = self.lora_b[...].astype(self.dtype)
-      y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scaling, self.dtype)
+      xc = x if self.lora_centre is None else x - self.lora_centre[...].astype(self.dtype)
+      y = y + ((xc @ a) @ b) * jnp.asarray(self.lora_scaling, self.dtype)
     return y
 
 
@@ -183,10 +218,18 @@ def update_cache(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Ar
   return cache_k, cache_v
 
 
+def weighted_token_sum(weights: jax.Array | None):
+  """None, or x [B, T, F] -> sum_t weights[b, t] x[b, t] [B, F] float32 (with weights [B, T]
+  summing to 1 per row: each example's weighted mean of a layer's input)."""
+  if weights is None:
+    return None
+  return lambda x: jnp.einsum("bt,btf->bf", weights.astype(jnp.float32), x.astype(jnp.float32))
+
+
 def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer: PyTree,
                 fn: Callable[[nnx.Module, jax.Array, PyTree], tuple[jax.Array, PyTree]],
                 remat: bool = False, remat_policy: str = "nothing", first_trained: int = 0,
-                part: str = "all"):
+                part: str = "all", capture: Callable[[jax.Array], jax.Array] | None = None):
   """Runs stacked `blocks` over x with `jax.lax.scan` (one traced layer, any depth).
 
   Args:
@@ -203,22 +246,40 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer: PyTree,
     part: "all"; "below" runs only layers [0, s) (the frozen prefix, whose output a caller may
       cache: it does not depend on the trained factors); "above" only layers [s, L), from x =
       that cached output. Both need s > 0 and no `per_layer`.
+    capture: reduce(input) of every adapted Dense of the trained layers [s, L) is returned too
+      (`capture_lora_inputs`; not with part="below").
 
   Returns:
-    (x, stacked per-layer outputs).
+    (x, stacked per-layer outputs), or with `capture` (x, (outputs, {module path in the block:
+    [L - s, ...] reduced inputs})).
   """
   graphdef, state = nnx.split(blocks)
 
-  def body(carry, xs):
+  def plain(carry, xs):
     layer_state, extra = xs
     block = nnx.merge(graphdef, layer_state)
     return fn(block, carry, extra)
+
+  def capturing(carry, xs):
+    layer_state, extra = xs
+    block = nnx.merge(graphdef, layer_state)
+    with capture_lora_inputs(capture) as c:
+      carry, ys = fn(block, carry, extra)
+    paths = {id(m): path for path, m in block.iter_modules()}
+    return carry, (ys, {paths[id(m)]: v for m, v in c.items})
+
+  body = plain
 
   if remat:
     body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies,
                                                REMAT_POLICIES[remat_policy]))
   if part != "all" and (not first_trained or per_layer is not None):
     raise ValueError(f"scan_blocks part={part!r} needs first_trained > 0 and no per-layer input.")
+  top = body
+  if capture is not None:
+    if part == "below":
+      raise ValueError("scan_blocks: capture needs the trained layers (part 'all' or 'above').")
+    top = capturing  # nothing is differentiated: no remat
   if first_trained and per_layer is None:
     if part != "above":
       below = jax.tree.map(lambda a: a[:first_trained], state)
@@ -226,5 +287,5 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer: PyTree,
       if part == "below":
         return x, None
     x = jax.lax.stop_gradient(x)
-    return jax.lax.scan(body, x, (jax.tree.map(lambda a: a[first_trained:], state), None))
-  return jax.lax.scan(body, x, (state, per_layer))
+    return jax.lax.scan(top, x, (jax.tree.map(lambda a: a[first_trained:], state), None))
+  return jax.lax.scan(top, x, (state, per_layer))

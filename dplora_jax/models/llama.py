@@ -84,7 +84,9 @@ class Llama(nnx.Module):
   """Decoder-only Llama-family LM.
 
   Call with tokens [B, T] int32 and mask [B, T] (1 = real token) to get logits [B, T, V] float32.
-  With `cache` (see `init_cache`) it also returns the updated cache (generation).
+  With `cache` (see `init_cache`) it also returns the updated cache (generation). With
+  `capture_weights` [B, T] it returns instead, for every LoRA-adapted Dense of the trained layers,
+  the weighted sum over tokens of its input ({module path: [L - first_layer, B, in]}).
   """
 
   family = "llama"
@@ -108,7 +110,7 @@ class Llama(nnx.Module):
                positions: jax.Array | None = None, cache: dict | None = None,
                cache_mask: jax.Array | None = None, cache_index: jax.Array | int = 0,
                logits_at: jax.Array | None = None, hidden: jax.Array | None = None,
-               prefix_only: bool = False):
+               prefix_only: bool = False, capture_weights: jax.Array | None = None):
     cfg = self.config
     b, t = tokens.shape
     if mask is None:
@@ -127,9 +129,12 @@ class Llama(nnx.Module):
     part = "below" if prefix_only else ("above" if hidden is not None else "all")
     x, new_cache = layers.scan_blocks(self.layers, x, cache, layer, part=part, remat=cfg.remat,
                                       remat_policy=cfg.remat_policy,
-                                      first_trained=self.lora_first_layer)
+                                      first_trained=self.lora_first_layer,
+                                      capture=layers.weighted_token_sum(capture_weights))
     if prefix_only:
       return x
+    if capture_weights is not None:
+      return new_cache[1]
     if logits_at is not None:  # only these positions reach the head (and the softmax after it)
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = self.norm(x)
