@@ -79,6 +79,13 @@ def test_demo_and_tiny_configs_convert():
     # FFA
     (dict(fed__aggregation="ffa", lora__init="zero_a"), "fed.aggregation='ffa' with lora.init"),
     (dict(lora__init="orthogonal"), "lora.init='orthogonal'"),
+    (dict(lora__centre="middle"), "lora.centre='middle'"),
+    (dict(lora__centre_clip=0.0), "lora.centre_clip=0.0"),
+    (dict(dp__centre_noise_multiplier=0.0), "dp.centre_noise_multiplier=0.0"),
+    (dict(lora__centre="tokens", dp__mode="client", fed__weighting="uniform"),
+     "lora.centre='tokens' with dp.mode='client'"),
+    (dict(lora__centre="loss", lora__init_from="/some/adapter"),
+     "lora.centre='loss' with lora.init_from"),
     (dict(dp__reproducible_seed=-5), "dp.reproducible_seed=-5"),
     # LoRA and data fields
     (dict(lora__alpha=0.0), "lora.alpha=0.0"),

@@ -53,6 +53,46 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(tmp_path, family, r
   assert np.abs(np.asarray(plain) - want).max() > 1e-3
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_centred_adapter_is_peft_lora_bias_and_loads_back_centred(tmp_path, family):
+  """A centred LoRA (lora.centre): PEFT computes the same logits with lora_B's bias
+  -(c A) B; our loader restores the centre itself; merging into transformers is refused."""
+  base = hf_fixtures.write_hf(tmp_path / "base", family)
+  loaded = load_model(str(tmp_path / "base"), with_tokenizer=False)
+  cfg = lora_lib.LoRAConfig(rank=4, alpha=8.0, targets=TARGETS[family], centre="tokens")
+  lora_lib.add_lora(loaded.model, cfg, jax.random.key(1))
+  for i, dense in enumerate(lora_lib.adapted_denses(loaded.model).values()):
+    dense.lora_b = lora_lib.layers.LoRAParam(
+        0.05 * jax.random.normal(jax.random.key(2), dense.lora_b[...].shape))
+  lora_lib.set_centre(loaded.model, {
+      t: jax.random.normal(jax.random.key(3 + i), c.shape)
+      for i, (t, c) in enumerate(lora_lib.centres(loaded.model).items())})
+  out = peft.export_adapter(loaded.model, cfg, str(tmp_path / "adapter"),
+                            base_model=str(tmp_path / "base"))
+  assert json.load(open(os.path.join(out, "adapter_config.json")))["lora_bias"] is True
+  model = peft_lib.PeftModel.from_pretrained(base, out)
+  model.eval()
+  want = hf_fixtures.torch_logits(model, TOKENS)
+  got = np.asarray(loaded.model(TOKENS))
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  assert any(k.endswith("lora_B.bias")
+             for k in peft.adapter_tensors(loaded.model, list(TARGETS[family])))
+  back = load_model(str(tmp_path / "base"), with_tokenizer=False)
+  got_cfg = peft.load_adapter(back.model, out)
+  assert got_cfg.centre != "none"
+  np.testing.assert_allclose(np.asarray(back.model(TOKENS)), got, atol=1e-5)
+  with pytest.raises(ValueError, match="centred LoRA"):
+    peft.export_merged(loaded.model, loaded.config, None, str(tmp_path / "merged"))
+  # a lora_bias adapter without its centre, or with another centre, is refused by name
+  os.rename(os.path.join(out, peft.CENTRE_WEIGHTS), str(tmp_path / "c.safetensors"))
+  with pytest.raises(ValueError, match="lora_bias=true without"):
+    peft.load_adapter(load_model(str(tmp_path / "base"), with_tokenizer=False).model, out)
+  other = {k: v + 1.0 for k, v in load_file(str(tmp_path / "c.safetensors")).items()}
+  save_file(other, os.path.join(out, peft.CENTRE_WEIGHTS))
+  with pytest.raises(ValueError, match="is not -\\(c A\\) B"):
+    peft.load_adapter(load_model(str(tmp_path / "base"), with_tokenizer=False).model, out)
+
+
 def test_merged_export_loads_in_transformers_with_the_same_logits(tmp_path):
   hf_fixtures.write_hf(tmp_path / "base", "llama", tokenizer=True)
   loaded, _ = _with_random_lora(tmp_path / "base", "llama")

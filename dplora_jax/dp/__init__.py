@@ -4,5 +4,6 @@ clipping (the clip primitive), noise (the Gaussian release), mechanisms (DP-SGD,
 group release, client-level DP and adaptive clipping), plan (builds mechanisms and accountant
 events from public values), accounting (dp-accounting), ledger (composable spend), sampling
 (Poisson samples with fixed shapes), randomness (secret DP randomness), release (what each party
-releases), statistics (private means of rows, e.g. a centre for hidden states).
+releases), statistics (private means of rows: a centre for hidden states, and the clipped mean
+with a noised count behind a centred LoRA's centre).
 """

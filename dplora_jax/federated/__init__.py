@@ -1,1 +1,1 @@
-"""Federated learning: partitioning, the compiled round, aggregation."""
+"""Federated learning: partitioning, the compiled round, aggregation, a centred LoRA's centre."""
