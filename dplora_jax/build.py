@@ -225,15 +225,23 @@ def loss_labels(cfg: RunConfig, task, tokenizer) -> tuple[int, ...]:
   return () if cfg.optim.loss == "lm" else task.label_tokens(tokenizer, cfg.data)
 
 
-def attach_lora(model, cfg: RunConfig):
+def attach_lora(model, cfg: RunConfig, tokenizer=None):
   """Attaches the run's initial LoRA: from `lora.init_from` (a PEFT adapter) or random from the
-  run's init key. Deterministic, so FFA's frozen A is rebuilt identically when exporting."""
+  run's init key (init 'zero_a_labels': with the output head's rows of the task's label tokens,
+  from `tokenizer`). Deterministic, so FFA's frozen A is rebuilt identically when exporting."""
   lora_cfg = effective_lora(cfg)
   if lora_cfg.init_from:
     from dplora_jax import peft
     peft.load_adapter(model, lora_cfg.init_from, expect=lora_cfg)
   else:
-    lora_lib.add_lora(model, lora_cfg, jax.random.fold_in(jax.random.key(cfg.seed), KEY_INIT))
+    rows = None
+    if lora_cfg.init == "zero_a_labels":
+      if tokenizer is None:
+        raise ValueError("lora.init='zero_a_labels' needs the model's tokenizer.")
+      ids = tasks.get(cfg.data.task).label_tokens(tokenizer, cfg.data)
+      rows = lora_lib.output_rows(model, ids)
+    lora_lib.add_lora(model, lora_cfg, jax.random.fold_in(jax.random.key(cfg.seed), KEY_INIT),
+                      rows)
 
 
 def build(cfg: RunConfig, extra_train: list | None = None,
@@ -267,7 +275,7 @@ def build(cfg: RunConfig, extra_train: list | None = None,
                      f"has {len(tok)} tokens but the model embeds only {arch.vocab_size}; use the "
                      "model's own tokenizer (model.tokenizer).")
   full_model_bytes = tree_bytes(jax.tree.leaves(model))
-  attach_lora(model, cfg)
+  attach_lora(model, cfg, tok)
   factor_bytes = lora_lib.factor_bytes(model)
   graphdef, lora, frozen = lora_lib.split(model)
   train = task.train_examples(train_items, tok, d)

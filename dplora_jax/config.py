@@ -410,10 +410,10 @@ class RunConfig:
       if self.mesh.fsdp > 1:
         raise ValueError(f"lora.centre={self.lora.centre!r} with mesh.fsdp={self.mesh.fsdp}: the "
                          "centre is computed on whole frozen weights; use mesh.fsdp=1.")
-    if fed.aggregation == "ffa" and self.lora.init == "zero_a":
-      raise ValueError("fed.aggregation='ffa' with lora.init='zero_a': FFA-LoRA keeps A at its "
-                       "initial value, so a zero A would never train; use lora.init='kaiming' or "
-                       "'gaussian'.")
+    if fed.aggregation == "ffa" and self.lora.init in ("zero_a", "zero_a_labels"):
+      raise ValueError(f"fed.aggregation='ffa' with lora.init={self.lora.init!r}: FFA-LoRA keeps "
+                       "A at its initial value, so a zero A would never train; use "
+                       "lora.init='kaiming' or 'gaussian'.")
 
 
 TOP_LEVEL = {"seed", "log_every", "checkpoint_every", "checkpoint_keep", "private_diagnostics",

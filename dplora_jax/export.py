@@ -30,7 +30,7 @@ def load_trained(workdir: str):
     cfg = config_lib.from_config_dict(meta["config"])
     model, tok, fingerprint, path = build.load_base(cfg)
     ckpt_lib.check_resumable(meta, cfg, fingerprint, os.path.join(ckpt.directory, str(latest)))
-    build.attach_lora(model, cfg)
+    build.attach_lora(model, cfg, tok)
     graphdef, lora, frozen = lora_lib.split(model)
     server_tx = round_lib.server_optimizer(cfg.fed)
     target = ckpt_lib.state_tree(round_lib.init_state(lora, server_tx))

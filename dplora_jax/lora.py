@@ -27,7 +27,7 @@ from dplora_jax.models import layers
 from dplora_jax.models.loading import FAMILY_MODULES
 
 PyTree = Any
-INITS = ("kaiming", "gaussian", "zero_a")
+INITS = ("kaiming", "gaussian", "zero_a", "zero_a_labels")
 CENTRES = ("none", "tokens", "loss")
 
 
@@ -41,8 +41,12 @@ class LoRAConfig:
     targets: module names ("q", "k", "v", "o", "gate", "up", "down" for Llama; "c_attn", ... for
       GPT-2; PEFT names like "q_proj" are accepted). Empty = the family's default.
     use_rslora: scaling alpha / sqrt(r) instead of alpha / r.
-    init: "kaiming" (A kaiming-uniform as PEFT, B = 0), "gaussian" (A ~ N(0, 1/r^2), B = 0) or
-      "zero_a" (the transposed convention: A = 0, B kaiming-uniform; not usable with FFA).
+    init: "kaiming" (A kaiming-uniform as PEFT, B = 0), "gaussian" (A ~ N(0, 1/r^2), B = 0),
+      "zero_a" (the transposed convention: A = 0, B kaiming-uniform; not usable with FFA) or
+      "zero_a_labels" (as zero_a; in the targets that write to the residual stream (o, down) B's
+      first rows are the unit directions of the output head's rows of the task's label tokens,
+      at the random rows' norm, so the layer starts able to move exactly the label logits; a
+      function of the public weights and label words only).
     freeze_a: keep A at its initial value and train B only (FFA-LoRA).
     init_from: start from the factors of a PEFT adapter directory (rank, alpha, targets must
       match). Its privacy ledger is composed into the new run's guarantee unless
@@ -123,15 +127,28 @@ def target_modules(model: nnx.Module, targets: tuple[str, ...]) -> dict[str, lay
   return out
 
 
-def add_lora(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> nnx.Module:
+def output_rows(model: nnx.Module, token_ids) -> jax.Array:
+  """[k, D] float32: the output head's rows (logit directions) of `token_ids`."""
+  ids = jnp.asarray(token_ids, jnp.int32)
+  head = getattr(model, "lm_head", None)
+  if head is not None:
+    return head.kernel[...].astype(jnp.float32).T[ids]
+  embed = model.embed if hasattr(model, "embed") else model.wte
+  return embed.embedding[...].astype(jnp.float32)[ids]
+
+
+def add_lora(model: nnx.Module, cfg: LoRAConfig, key: jax.Array,
+             label_rows: jax.Array | None = None) -> nnx.Module:
   """Attaches LoRA factors to `model` in place and returns it.
 
   A [L, in, r] is drawn from `key` (kaiming-uniform bound 1/sqrt(in) as PEFT, or N(0, 1/r^2));
   B [L, r, out] is zero (init "zero_a" swaps the roles), so the adapted model equals the base
-  model.
+  model. Init "zero_a_labels" needs `label_rows` [k, out] (`output_rows` of the label tokens).
 
   Raises:
-    ValueError: unknown target, or rank larger than a targeted layer's dimensions.
+    ValueError: unknown target, or rank larger than a targeted layer's dimensions; for
+      "zero_a_labels", no label rows, fewer ranks than labels, or no target that writes to the
+      residual stream.
   """
   mods = target_modules(model, cfg.targets)
   num_layers = model.config.num_layers
@@ -139,6 +156,7 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> nnx.Module:
     raise ValueError(f"lora.first_layer={cfg.first_layer}; the model has {num_layers} layers "
                      f"(expected 0 .. {num_layers - 1}).")
   model.lora_first_layer = int(cfg.first_layer)
+  writes_residual = False
   for i, (name, dense) in enumerate(mods.items()):
     stack = dense.kernel.shape[:-2]
     d_in, d_out = dense.in_features, dense.out_features
@@ -156,6 +174,9 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> nnx.Module:
       a = jnp.zeros((*stack, d_in, cfg.rank), jnp.float32)
       bound = 1.0 / math.sqrt(cfg.rank)
       b = jax.random.uniform(k, (*stack, cfg.rank, d_out), jnp.float32, -bound, bound)
+      if cfg.init == "zero_a_labels" and name in FAMILY_MODULES[model.family].RESIDUAL_TARGETS:
+        b = _label_b(b, cfg.rank, label_rows, bound)
+        writes_residual = True
     a_type = layers.FrozenLoRAParam if cfg.freeze_a else layers.LoRAParam
     # float32 whatever the base's dtype: a small noised update vanishes in a bfloat16 factor
     # (the layer casts the factors to its compute dtype when it applies them)
@@ -164,6 +185,9 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, key: jax.Array) -> nnx.Module:
     dense.lora_scaling = float(cfg.scaling)
     if cfg.centre != "none":  # zero until `set_centre`: the uncentred layer
       dense.lora_centre = layers.LoRACentre(jnp.zeros((*stack, d_in), jnp.float32))
+  if cfg.init == "zero_a_labels" and not writes_residual:
+    raise ValueError(f"lora.init='zero_a_labels': none of the targets {list(mods)} writes to the "
+                     "residual stream; add o or down.")
   return model
 
 
@@ -208,6 +232,21 @@ def set_centre(model: nnx.Module, values: dict[str, Any]) -> nnx.Module:
                        f"{dense.lora_centre.shape}.")
     dense.lora_centre = layers.LoRACentre(value)
   return model
+
+
+def _label_b(b: jax.Array, rank: int, label_rows, bound: float):
+  """B [..., r, D] with its first k rows the unit label directions scaled to a random row's
+  expected norm (bound sqrt(D / 3))."""
+  if label_rows is None:
+    raise ValueError("lora.init='zero_a_labels' needs the task's label tokens (a classification "
+                     "task by label words).")
+  rows = jnp.asarray(label_rows, jnp.float32)
+  d_out = b.shape[-1]
+  if rows.shape[0] > rank:
+    raise ValueError(f"lora.init='zero_a_labels': lora.rank={rank} is below the {rows.shape[0]} "
+                     "labels; raise it.")
+  rows = rows / jnp.linalg.norm(rows, axis=1, keepdims=True) * bound * math.sqrt(d_out / 3.0)
+  return b.at[..., :rows.shape[0], :].set(rows)
 
 
 def split(model: nnx.Module):

@@ -90,6 +90,11 @@ def main(argv=None) -> int:
       print(f"  q = {m.sampling_rate:.6g}, releases = {m.releases_per_round} x {m.rounds} rounds, "
             f"noise multiplier = {m.noise_multiplier:.6g}, accountant = {m.accountant}")
       print(f"  eps = {m.epsilon:.6g}, delta = {m.delta:.6g}")
+      for g in m.prior:
+        what = ("the LoRA centre's release before round 1" if g.source == "lora centre"
+                else f"an earlier segment ({g.source})")
+        print(f"  includes {what}: {g.releases} Gaussian release(s) at q = {g.sampling_rate:.4g}, "
+              f"noise multiplier = {g.noise_multiplier:.6g}")
       if m.name == "example":
         d = m.details
         how = ("accounted (truncated-Poisson PLD event)" if d["truncation"] == "accounted"

@@ -134,7 +134,7 @@ def test_the_centre_is_every_clients_mean_input_and_its_noise_is_where_dp_noise_
   assert np.corrcoef(a["x"], b["x"])[0, 1] < 0.1  # the run's secret key decides the noise
 
 
-def test_the_plan_composes_the_centres_gaussian_into_the_example_guarantee():
+def test_the_plan_composes_the_centres_gaussian_into_the_example_guarantee(capsys):
   """eps of the plan == dp-accounting's RDP of Gaussian(sigma_c) composed with the steps'
   sampled Gaussians, computed here; the centre is not free (eps without it is lower)."""
   cfg = _tiny(("lora.centre", "tokens"), ("dp.centre_noise_multiplier", 3.0), arg="rounds=4")
@@ -151,6 +151,11 @@ def test_the_plan_composes_the_centres_gaussian_into_the_example_guarantee():
   bare.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
   assert bare.get_epsilon(mech.accountant_delta) < mech.epsilon - 0.05
   assert plan_lib.make_plan(_tiny(arg="rounds=4")).get("example").noise_multiplier < sigma
+  # launch.privacy states it
+  from launch import privacy
+  assert privacy.main(["--config", "configs/tiny.py:rounds=4", "--config.lora.centre=tokens",
+                       "--config.dp.centre_noise_multiplier=3"]) == 0
+  assert "includes the LoRA centre's release before round 1" in capsys.readouterr().out
 
 
 def test_a_centred_run_releases_its_centre_once_per_workdir(tmp_path):

@@ -132,3 +132,36 @@ def test_zero_a_init_starts_at_the_base_model_and_b_is_random():
   np.testing.assert_array_equal(np.asarray(model.layers.attn.q.lora_a[...]), 0.0)
   assert float(jnp.abs(model.layers.attn.q.lora_b[...]).max()) > 0
   np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(base), atol=1e-6)
+
+
+def test_zero_a_labels_init_points_b_at_the_label_logits_of_residual_writers_only():
+  model = build_model(TINY, seed=0)
+  tokens = jnp.arange(10)[None] % 64
+  base = model(tokens)
+  ids = (5, 9, 17)
+  rows = lora_lib.output_rows(model, ids)
+  head = (np.asarray(model.embed.embedding[...]) if model.lm_head is None
+          else np.asarray(model.lm_head.kernel[...]).T)
+  np.testing.assert_array_equal(np.asarray(rows), head[list(ids)])  # the label logit directions
+  cfg = lora_lib.LoRAConfig(rank=4, init="zero_a_labels", targets=("v", "down"))
+  lora_lib.add_lora(model, cfg, jax.random.key(0), rows)
+  np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(base), atol=1e-6)  # A = 0
+  b = np.asarray(model.layers.mlp.down.lora_b[...])  # [L, 4, 32]
+  unit = np.asarray(rows) / np.linalg.norm(rows, axis=1, keepdims=True)
+  for layer in range(2):
+    got = b[layer, :3] / np.linalg.norm(b[layer, :3], axis=1, keepdims=True)
+    np.testing.assert_allclose(got, unit, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(b[layer, :3], axis=1), np.sqrt(32 / 3) / 2,
+                               rtol=1e-5)  # a random row's expected norm
+  # v writes the key/value heads, not the residual stream: its B is zero_a's random one
+  plain = build_model(TINY, seed=0)
+  lora_lib.add_lora(plain, lora_lib.LoRAConfig(rank=4, init="zero_a", targets=("v", "down")),
+                    jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(model.layers.attn.v.lora_b[...]),
+                                np.asarray(plain.layers.attn.v.lora_b[...]))
+  for targets, rank, match in ((("q", "v"), 4, "none of the targets"), (("down",), 2, "below")):
+    with pytest.raises(ValueError, match=match):
+      lora_lib.add_lora(build_model(TINY), lora_lib.LoRAConfig(
+          rank=rank, init="zero_a_labels", targets=targets), jax.random.key(0), rows)
+  with pytest.raises(ValueError, match="needs the task's label tokens"):
+    lora_lib.add_lora(build_model(TINY), cfg, jax.random.key(0))

@@ -225,7 +225,7 @@ class InstitutionClient:
     if run_id in self._runs:
       return self._runs[run_id]
     model, tok, fingerprint, _ = build_lib.load_base(cfg)
-    build_lib.attach_lora(model, cfg)
+    build_lib.attach_lora(model, cfg, tok)
     graphdef, lora, frozen = lora_lib.split(model)
     d = cfg.data
     task = tasks.get(d.task)

@@ -144,7 +144,7 @@ def _serve(cfg, transport, settings, log, ckpt, t_start):
   plan = build_lib.privacy_plan(cfg)
   model, tok, fingerprint, model_path = build_lib.load_base(cfg)
   full_model_bytes = tree_bytes(jax.tree.leaves(model))
-  build_lib.attach_lora(model, cfg)
+  build_lib.attach_lora(model, cfg, tok)
   factor_bytes = lora_lib.factor_bytes(model)
   graphdef, lora, frozen = lora_lib.split(model)
   server_tx = round_lib.server_optimizer(cfg.fed)

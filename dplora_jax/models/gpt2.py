@@ -20,6 +20,7 @@ LORA_TARGETS = {
 TARGET_ALIASES = {"q": "c_attn", "k": "c_attn", "v": "c_attn", "qkv": "c_attn",
                   "o": "attn.c_proj", "up": "c_fc", "down": "mlp.c_proj"}
 DEFAULT_LORA_TARGETS = ("c_attn",)
+RESIDUAL_TARGETS = ("attn.c_proj", "mlp.c_proj")  # their output is added to the residual stream
 HF_MODULE_PATHS = {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj",
                    "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"}
 

@@ -21,6 +21,7 @@ LORA_TARGETS = {
 TARGET_ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
                   "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 DEFAULT_LORA_TARGETS = ("q", "k", "v")
+RESIDUAL_TARGETS = ("o", "down")  # their output is added to the residual stream
 # Our name -> Hugging Face module path inside a layer (for PEFT export).
 HF_MODULE_PATHS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                    "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
