@@ -253,6 +253,8 @@ def _example(cfg, prior: tuple[Segment, ...]):
                "note": "client sampling not credited (conservative)"
                        + ("; noise added once by the aggregator, which must be trusted: it sees "
                           "each client's clipped, un-noised gradient sum"
+                          + (" and its clipped, un-noised sums for the LoRA centre"
+                             if cfg.lora.centre != "none" else "")
                           if dp.noise_at == "server" else "")})
   return mech, DPSGD(float(dp.clip_norm), sigma, float(b)), max_batch
 
