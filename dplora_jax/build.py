@@ -238,8 +238,11 @@ def attach_lora(model, cfg: RunConfig, tokenizer=None):
     if lora_cfg.init == "zero_a_labels":
       if tokenizer is None:
         raise ValueError("lora.init='zero_a_labels' needs the model's tokenizer.")
-      ids = tasks.get(cfg.data.task).label_tokens(tokenizer, cfg.data)
-      rows = lora_lib.output_rows(model, ids)
+      task = tasks.get(cfg.data.task)
+      if task.kind != "sentiment":
+        raise ValueError(f"lora.init='zero_a_labels' needs a task classified by label words; "
+                         f"data.task={cfg.data.task!r} is {task.kind!r}.")
+      rows = lora_lib.output_rows(model, task.label_tokens(tokenizer, cfg.data))
     lora_lib.add_lora(model, lora_cfg, jax.random.fold_in(jax.random.key(cfg.seed), KEY_INIT),
                       rows)
 

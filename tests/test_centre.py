@@ -190,3 +190,19 @@ def test_a_centred_run_releases_its_centre_once_per_workdir(tmp_path):
     centre_lib.load(w, other)
   with pytest.raises(ValueError, match="not deployable"):
     protocol.check_deployable(cfg)
+
+
+def test_zero_a_labels_is_built_from_the_tasks_label_words_and_refused_elsewhere():
+  cfg = _tiny(("lora.init", "zero_a_labels"), ("lora.targets", ("v", "down")))
+  model, tok, _, _ = build_lib.load_base(cfg)
+  build_lib.attach_lora(model, cfg, tok)
+  ids = build_lib.tasks.get("tfns").label_tokens(tok, cfg.data)
+  rows = np.asarray(lora_lib.output_rows(model, ids))
+  b = np.asarray(model.layers.mlp.down.lora_b[...])[1, :len(ids)]
+  cos = np.sum(b * rows, 1) / np.linalg.norm(b, axis=1) / np.linalg.norm(rows, axis=1)
+  np.testing.assert_allclose(cos, 1.0, rtol=1e-5)
+  with pytest.raises(ValueError, match="needs the model's tokenizer"):
+    build_lib.attach_lora(build_lib.load_base(cfg)[0], cfg)
+  other = _tiny(("lora.init", "zero_a_labels"), ("lora.targets", ("down",)), ("data.task", "boolq"))
+  with pytest.raises(ValueError, match="data.task='boolq' is 'choice'"):
+    build_lib.attach_lora(build_lib.load_base(other)[0], other, tok)
