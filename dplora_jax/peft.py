@@ -6,7 +6,8 @@ Format (../shared/REFERENCE.md section 2): `adapter_model.safetensors` with keys
 with delta W = scaling * A @ B on x @ W; PEFT's torch Linear computes x @ W^T with
 delta W^T = scaling * B_peft @ A_peft, so A_peft = A[l]^T and B_peft = B[l]^T. GPT-2's Conv1D
 layers store [in, out] like ours; PEFT marks them `fan_in_fan_out: true`, and the factor shapes
-are the same.
+are the same. A centred LoRA (`lora.centre`: scaling ((x - c) A) B) is PEFT's `lora_bias: true`
+with `.lora_B.bias` = -(c A) B, plus CENTRE_WEIGHTS (c itself) for our own loader.
 """
 
 from __future__ import annotations
