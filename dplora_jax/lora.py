@@ -220,10 +220,8 @@ def set_centre(model: nnx.Module, values: dict[str, Any]) -> nnx.Module:
   Raises:
     ValueError: a target without a centre, or a shape that does not match.
   """
-  fam = FAMILY_MODULES[model.family]
-  for name, value in values.items():
-    group, attr = fam.LORA_TARGETS[name]
-    dense = getattr(getattr(model.layers, group), attr)
+  for name, dense in target_modules(model, tuple(values)).items():
+    value = values[name]
     if dense.lora_centre is None:
       raise ValueError(f"set_centre: target {name!r} has no centre (lora.centre='none'?).")
     value = jnp.asarray(value, jnp.float32)

@@ -12,7 +12,7 @@ import dp_accounting
 import jax
 import jax.numpy as jnp
 
-from dplora_jax.dp import noise
+from dplora_jax.dp import clipping, noise
 
 
 def unit_rows(x: jax.Array) -> jax.Array:
@@ -50,26 +50,28 @@ def mean_event(noise_multiplier: float):
 COUNT = 2 ** -0.5
 
 
-def clipped_rows(blocks: dict[str, jax.Array], bounds: dict) -> dict[str, jax.Array]:
+def clipped_rows(blocks: dict[str, jax.Array], bounds: dict,
+                 valid: jax.Array | None = None) -> dict[str, jax.Array]:
   """COUNT * each example's blocks {name: [n, F]} divided by their public `bounds` (a number or
-  an [F] array per block) and, concatenated over the blocks, clipped to L2 norm 1 (a per-example
-  map: the result has norm <= COUNT)."""
+  an [F] array per block) and, concatenated over the blocks, clipped to L2 norm 1 by the clip
+  primitive (`clipping.clip_factors`; rows where `valid` is False become exactly 0): a
+  per-example map whose rows have norm <= COUNT."""
   scaled = {k: jnp.asarray(v, jnp.float32) / jnp.asarray(bounds[k], jnp.float32)
             for k, v in blocks.items()}
-  sq = sum(jnp.sum(jnp.square(v), axis=1) for v in scaled.values())
-  factor = COUNT * jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.sqrt(sq), 1e-30))
+  norms = jnp.sqrt(sum(jnp.sum(jnp.square(v), axis=1) for v in scaled.values()))
+  keep = jnp.ones(norms.shape, bool) if valid is None else jnp.asarray(valid, bool)
+  factor = COUNT * clipping.clip_factors(norms, 1.0, keep)
   return {k: v * factor[:, None] for k, v in scaled.items()}
 
 
 def mean_sums(blocks: dict[str, jax.Array], bounds: dict,
               valid: jax.Array | None = None) -> tuple[dict[str, jax.Array], jax.Array]:
-  """(sum of `clipped_rows` per block, COUNT * number of examples): one party's un-noised
+  """(sum of `clipped_rows` per block, COUNT * number of valid examples): one party's un-noised
   contribution to `release_mean_sums`; rows where `valid` is False contribute exactly zero."""
-  rows = clipped_rows(blocks, bounds)
+  rows = clipped_rows(blocks, bounds, valid)
   n = next(iter(rows.values())).shape[0]
   valid = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
-  sums = {k: jnp.where(valid[:, None], v, 0.0).sum(0) for k, v in rows.items()}
-  return sums, COUNT * valid.sum().astype(jnp.float32)
+  return {k: v.sum(0) for k, v in rows.items()}, COUNT * valid.sum().astype(jnp.float32)
 
 
 def release_mean_sums(key: jax.Array, sums: dict[str, jax.Array], count: jax.Array,

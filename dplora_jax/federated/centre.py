@@ -49,15 +49,14 @@ CENTRE_FILE = "lora_centre.safetensors"
 REFERENCE_ROWS = 8  # sequences of random tokens that set the public bounds
 
 
-def bounds(cfg, setup) -> dict[str, np.ndarray]:
+def bounds(cfg, setup, vocab_size: int) -> dict[str, np.ndarray]:
   """{target: [(L - first_layer) * in]}: the public bound on one example's mean input, per layer
   of each target (repeated over its coordinates). It is lora.centre_clip * sqrt(blocks) times the
   median norm of the same mean over REFERENCE_ROWS sequences of uniformly random tokens (seed 0)
   under the base model: a function of the public weights only. With every (layer, target) block
   of an example within its bound, the concatenation has norm <= 1 and nothing is clipped."""
   t = int(cfg.data.max_length)
-  vocab = lora_lib.merge(setup.graphdef, setup.lora, setup.frozen).config.vocab_size
-  tokens = jax.random.randint(jax.random.key(0), (REFERENCE_ROWS, t), 0, vocab, jnp.int32)
+  tokens = jax.random.randint(jax.random.key(0), (REFERENCE_ROWS, t), 0, vocab_size, jnp.int32)
   mask = jnp.ones((REFERENCE_ROWS, t), bool)
   sums = jax.jit(lora_lib.input_sums, static_argnums=0)(
       setup.graphdef, setup.lora, setup.frozen, tokens, mask, mask / t)
@@ -140,7 +139,7 @@ def compute(cfg, setup, stacked: dict, key: jax.Array) -> dict[str, np.ndarray]:
     raise ValueError(f"lora.centre={cfg.lora.centre!r} in a multi-process run: the centre's sums "
                      "are not yet gathered across processes; run it in one process.")
   model = lora_lib.merge(setup.graphdef, setup.lora, setup.frozen)
-  bound = bounds(cfg, setup)
+  bound = bounds(cfg, setup, model.config.vocab_size)
   sigma = float(cfg.dp.centre_noise_multiplier) if cfg.dp.mode != "none" else 0.0
   per_client = client_sums(setup.graphdef, setup.lora, setup.frozen, stacked, setup.clients,
                            cfg.lora.centre, bound)
