@@ -16,7 +16,7 @@ from configs import tiny
 from dplora_jax import build as build_lib, config as config_lib, export, lora as lora_lib
 from dplora_jax import train
 from dplora_jax.deploy import protocol
-from dplora_jax.dp import plan as plan_lib
+from dplora_jax.dp import plan as plan_lib, statistics
 from dplora_jax.federated import centre as centre_lib
 from dplora_jax.models import ModelConfig, build_model, layers
 
@@ -206,3 +206,20 @@ def test_zero_a_labels_is_built_from_the_tasks_label_words_and_refused_elsewhere
   other = _tiny(("lora.init", "zero_a_labels"), ("lora.targets", ("down",)), ("data.task", "boolq"))
   with pytest.raises(ValueError, match="data.task='boolq' is 'choice'"):
     build_lib.attach_lora(build_lib.load_base(other)[0], other, tok)
+
+
+def test_the_released_centre_carries_the_noise_the_plan_accounts():
+  """Two releases of the same data under different keys differ by the noise only: its std,
+  in the sums' units, is sqrt(2 K) sigma with the plan's centre sigma (each of K clients noises)."""
+  cfg = _tiny(("lora.centre", "tokens"), ("dp.centre_noise_multiplier", 3.0))
+  sigma = plan_lib.make_plan(cfg).get("example").prior[0].noise_multiplier
+  s = build_lib.build(cfg)
+  stacked = train._stack_clients(s.clients, len(s.clients))
+  a, b = (centre_lib.compute(cfg, s, stacked, jax.random.key(k)) for k in (0, 1))
+  vocab = lora_lib.merge(s.graphdef, s.lora, s.frozen).config.vocab_size
+  bound = centre_lib.bounds(cfg, s, vocab)
+  n = sum(len(c) for c in s.clients)
+  k = cfg.fed.num_clients
+  z = np.concatenate([((a[t][1:] - b[t][1:]).reshape(-1) / bound[t]) for t in a])
+  z = z * statistics.COUNT * n  # back to the released sums' units
+  assert np.std(z) == pytest.approx(np.sqrt(2 * k) * sigma, rel=0.2)

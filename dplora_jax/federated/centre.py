@@ -41,7 +41,7 @@ from safetensors.numpy import load_file, save_file
 from dplora_jax import checkpoint as ckpt_lib, config as config_lib, distributed
 from dplora_jax import lora as lora_lib
 from dplora_jax.data import buckets as buckets_lib
-from dplora_jax.dp import statistics
+from dplora_jax.dp import plan as plan_lib, statistics
 
 CENTRE_FILE = "lora_centre.safetensors"
 
@@ -140,7 +140,9 @@ def compute(cfg, setup, stacked: dict, key: jax.Array) -> dict[str, np.ndarray]:
                      "are not yet gathered across processes; run it in one process.")
   model = lora_lib.merge(setup.graphdef, setup.lora, setup.frozen)
   bound = bounds(cfg, setup, model.config.vocab_size)
-  sigma = float(cfg.dp.centre_noise_multiplier) if cfg.dp.mode != "none" else 0.0
+  # the noise of the plan's own "lora centre" segment (none without DP): accounted == applied
+  segments = plan_lib.centre_segments(cfg)
+  sigma = segments[0].noise_multiplier if segments else 0.0
   per_client = client_sums(setup.graphdef, setup.lora, setup.frozen, stacked, setup.clients,
                            cfg.lora.centre, bound)
   sums, count = release(per_client, sigma, cfg.dp.noise_at, key)
@@ -219,8 +221,9 @@ def ensure(cfg, setup, stacked: dict, key: jax.Array, workdir: str, main: bool =
     if main:
       save(workdir, cfg, values)
     if progress and main:
+      segments = plan_lib.centre_segments(cfg)
       print(f"lora centre ({cfg.lora.centre}): released once (sigma "
-            f"{cfg.dp.centre_noise_multiplier if cfg.dp.mode != 'none' else 0}, "
-            f"{time.time() - t0:.0f} s)", flush=True)
+            f"{segments[0].noise_multiplier if segments else 0}, {time.time() - t0:.0f} s)",
+            flush=True)
   with_centre(setup, values)
   return values

@@ -70,6 +70,13 @@ def test_randomness_round_trip_gives_every_secret_stream_back():
   np.testing.assert_array_equal(r.clients(4).random(5), r2.clients(4).random(5))
   np.testing.assert_array_equal(jax.random.key_data(r.noise_key),
                                 jax.random.key_data(r2.noise_key))
+  np.testing.assert_array_equal(jax.random.key_data(r.centre_key),
+                                jax.random.key_data(r2.centre_key))
+  # the centre's noise key is secret (another root, another key) and not the steps' noise key
+  other = DPRandomness(-1)
+  assert not np.array_equal(jax.random.key_data(r.centre_key),
+                            jax.random.key_data(other.centre_key))
+  assert not np.array_equal(jax.random.key_data(r.centre_key), jax.random.key_data(r.noise_key))
 
 
 def test_every_client_and_round_draws_its_own_stream():
