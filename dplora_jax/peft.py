@@ -7,11 +7,13 @@ with delta W = scaling * A @ B on x @ W; PEFT's torch Linear computes x @ W^T wi
 delta W^T = scaling * B_peft @ A_peft, so A_peft = A[l]^T and B_peft = B[l]^T. GPT-2's Conv1D
 layers store [in, out] like ours; PEFT marks them `fan_in_fan_out: true`, and the factor shapes
 are the same. A centred LoRA (`lora.centre`: scaling ((x - c) A) B) is PEFT's `lora_bias: true`
-with `.lora_B.bias` = -(c A) B, plus CENTRE_WEIGHTS (c itself) for our own loader.
+with `.lora_B.bias` = -(c A) B, plus CENTRE_WEIGHTS (c itself) for our own loader; merged, that
+shift is the layer's bias (transformers' Llama: `attention_bias` / `mlp_bias`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -261,13 +263,23 @@ def _load_centre(model: nnx.Module, adapter_dir: str, tensors: dict, path: str):
         raise ValueError(f"{path}: tensor {key!r} is missing or is not -(c A) B of {cpath}.")
 
 
-def _hf_config(model_cfg, source_path: str) -> dict:
-  """config.json of the merged model: the source's own when it is an HF directory."""
+def _source_config(source_path: str) -> dict | None:
   src = os.path.join(source_path, "config.json") if os.path.isdir(source_path) else ""
   if src and os.path.isfile(src):
     with open(src) as f:
       return json.load(f)
+  return None
+
+
+def _hf_config(model_cfg, source_path: str) -> dict:
+  """config.json of the merged model: the source's own when it is an HF directory, with its bias
+  flags set to what the merged weights carry."""
   c = model_cfg
+  out = _source_config(source_path)
+  if out is not None:
+    if c.family == "llama" and out.get("model_type") == "llama":
+      out["attention_bias"], out["mlp_bias"] = c.o_bias, c.mlp_bias
+    return out
   if c.family != "llama":
     raise ValueError(f"a merged export of a {c.family} model needs its HF config.json.")
   out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -276,21 +288,48 @@ def _hf_config(model_cfg, source_path: str) -> dict:
          "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
          "head_dim": c.head_dim, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
          "max_position_embeddings": c.max_position_embeddings,
-         "tie_word_embeddings": c.tie_embeddings, "attention_bias": c.attention_bias,
-         "hidden_act": "silu", "torch_dtype": "float32"}
+         "tie_word_embeddings": c.tie_embeddings, "attention_bias": c.o_bias,
+         "mlp_bias": c.mlp_bias, "hidden_act": "silu", "torch_dtype": "float32"}
   if c.rope_scaling:
     out["rope_scaling"] = dict(c.rope_scaling)
   return out
+
+
+ATTENTION = ("q", "k", "v", "o")
+MLP = ("gate", "up", "down")
+
+
+def _merged_model_config(model: nnx.Module, model_cfg, source_path: str):
+  """The model config of the merged weights. A centred LoRA merges into a bias (-s (c A) B);
+  transformers' Llama has one switch for the q, k, v, o biases (`attention_bias`) and one for
+  gate, up, down (`mlp_bias`), so a bias on one layer of a group turns on the group (the others
+  are written as zeros); a model type without such a bias (Qwen2's o, its MLP; Mistral) is
+  refused. GPT-2 has every bias already."""
+  c = model_cfg
+  biased = set(lora_lib.centres(model))
+  if c.family != "llama":
+    return c
+  src = _source_config(source_path)
+  hf_type = "llama" if src is None else src.get("model_type")
+  has = {**{n: c.attention_bias for n in ("q", "k", "v")}, "o": c.o_bias,
+         **{n: c.mlp_bias for n in MLP}}
+  if hf_type == "llama":  # the config this export writes has both switches
+    attn = any(has[n] for n in ATTENTION) or bool(biased & set(ATTENTION))
+    mlp = any(has[n] for n in MLP) or bool(biased & set(MLP))
+    return dataclasses.replace(c, attention_bias=attn, o_bias=attn, mlp_bias=mlp)
+  missing = sorted(n for n in biased if not has[n])
+  if missing:
+    raise ValueError(f"a centred LoRA on {missing} merges into a bias that transformers' "
+                     f"{hf_type!r} model does not have there; export the PEFT adapter (its "
+                     "lora_bias) instead.")
+  return c
 
 
 def export_merged(model: nnx.Module, model_cfg, tokenizer, out_dir: str, *,
                   source_path: str = "") -> str:
   """Writes base + LoRA merged as an HF model directory (config.json, model.safetensors,
   tokenizer files)."""
-  if lora_lib.centres(model):
-    raise ValueError("a centred LoRA (lora.centre) merges into a bias that the Hugging Face "
-                     "layers it adapts may not have; export the PEFT adapter (its lora_bias) "
-                     "instead.")
+  model_cfg = _merged_model_config(model, model_cfg, source_path)
   merged = lora_lib.merge_lora(model)
   state = nnx.state(merged, nnx.Param)
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
@@ -298,6 +337,9 @@ def export_merged(model: nnx.Module, model_cfg, tokenizer, out_dir: str, *,
   prefix = "transformer." if model_cfg.family == "gpt2" else ""
   tensors = {}
   for key, (template, transpose) in wmap.items():
+    if key not in flat:  # a zero bias of a group that one centred layer switched on
+      kernel = flat[key[:-1] + ("kernel",)]
+      flat[key] = np.zeros(kernel.shape[:-2] + kernel.shape[-1:], np.float32)
     arr = np.asarray(flat[key], np.float32)
     if "{i}" in template:
       for i in range(arr.shape[0]):

@@ -56,17 +56,9 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(tmp_path, family, r
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_a_centred_adapter_is_peft_lora_bias_and_loads_back_centred(tmp_path, family):
   """A centred LoRA (lora.centre): PEFT computes the same logits with lora_B's bias
-  -(c A) B; our loader restores the centre itself; merging into transformers is refused."""
+  -(c A) B; our loader restores the centre itself."""
   base = hf_fixtures.write_hf(tmp_path / "base", family)
-  loaded = load_model(str(tmp_path / "base"), with_tokenizer=False)
-  cfg = lora_lib.LoRAConfig(rank=4, alpha=8.0, targets=TARGETS[family], centre="tokens")
-  lora_lib.add_lora(loaded.model, cfg, jax.random.key(1))
-  for i, dense in enumerate(lora_lib.adapted_denses(loaded.model).values()):
-    dense.lora_b = lora_lib.layers.LoRAParam(
-        0.05 * jax.random.normal(jax.random.key(2), dense.lora_b[...].shape))
-  lora_lib.set_centre(loaded.model, {
-      t: jax.random.normal(jax.random.key(3 + i), c.shape)
-      for i, (t, c) in enumerate(lora_lib.centres(loaded.model).items())})
+  loaded, cfg = _with_random_centred_lora(tmp_path / "base", family, TARGETS[family])
   out = peft.export_adapter(loaded.model, cfg, str(tmp_path / "adapter"),
                             base_model=str(tmp_path / "base"))
   assert json.load(open(os.path.join(out, "adapter_config.json")))["lora_bias"] is True
@@ -81,8 +73,6 @@ def test_a_centred_adapter_is_peft_lora_bias_and_loads_back_centred(tmp_path, fa
   got_cfg = peft.load_adapter(back.model, out)
   assert got_cfg.centre != "none"
   np.testing.assert_allclose(np.asarray(back.model(TOKENS)), got, atol=1e-5)
-  with pytest.raises(ValueError, match="centred LoRA"):
-    peft.export_merged(loaded.model, loaded.config, None, str(tmp_path / "merged"))
   # a lora_bias adapter without its centre, or with another centre, is refused by name
   os.rename(os.path.join(out, peft.CENTRE_WEIGHTS), str(tmp_path / "c.safetensors"))
   with pytest.raises(ValueError, match="lora_bias=true without"):
@@ -91,6 +81,49 @@ def test_a_centred_adapter_is_peft_lora_bias_and_loads_back_centred(tmp_path, fa
   save_file(other, os.path.join(out, peft.CENTRE_WEIGHTS))
   with pytest.raises(ValueError, match="is not -\\(c A\\) B"):
     peft.load_adapter(load_model(str(tmp_path / "base"), with_tokenizer=False).model, out)
+
+
+def _with_random_centred_lora(path, family, targets):
+  loaded = load_model(str(path), with_tokenizer=False)
+  cfg = lora_lib.LoRAConfig(rank=4, alpha=8.0, targets=targets, centre="tokens")
+  lora_lib.add_lora(loaded.model, cfg, jax.random.key(1))
+  for dense in lora_lib.adapted_denses(loaded.model).values():
+    dense.lora_b = lora_lib.layers.LoRAParam(
+        0.05 * jax.random.normal(jax.random.key(2), dense.lora_b[...].shape))
+  lora_lib.set_centre(loaded.model, {
+      t: jax.random.normal(jax.random.key(3 + i), c.shape)
+      for i, (t, c) in enumerate(lora_lib.centres(loaded.model).items())})
+  return loaded, cfg
+
+
+@pytest.mark.parametrize("family,targets,source", [
+    ("llama", ("o", "down"), False),  # the demo's: config written here, zero q/k/v/gate/up biases
+    ("llama", TARGETS["llama"], True),
+    ("gpt2", TARGETS["gpt2"], True)])
+def test_a_centred_lora_merges_into_biases_that_transformers_loads(tmp_path, family, targets,
+                                                                   source):
+  """Merged, a centred LoRA's shift -s (c A) B is the layer's bias: transformers (Llama's
+  attention_bias / mlp_bias) and our loader give the centred model's logits."""
+  from transformers import AutoModelForCausalLM
+  hf_fixtures.write_hf(tmp_path / "base", family)
+  loaded, _ = _with_random_centred_lora(tmp_path / "base", family, targets)
+  want = np.asarray(loaded.model(TOKENS))
+  peft.export_merged(loaded.model, loaded.config, None, str(tmp_path / "merged"),
+                     source_path=str(tmp_path / "base") if source else "")
+  model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+  np.testing.assert_allclose(hf_fixtures.torch_logits(model.eval(), TOKENS), want, atol=1e-4)
+  back = load_model(str(tmp_path / "merged"), with_tokenizer=False)
+  np.testing.assert_allclose(np.asarray(back.model(TOKENS)), want, atol=1e-4)
+  plain = np.asarray(load_model(str(tmp_path / "base"), with_tokenizer=False).model(TOKENS))
+  assert np.abs(plain - want).max() > 1e-3  # the centred LoRA moved the logits
+
+
+def test_a_centred_lora_on_a_layer_transformers_cannot_bias_is_refused_merged(tmp_path):
+  hf_fixtures.write_hf(tmp_path / "base", "qwen2")
+  loaded, _ = _with_random_centred_lora(tmp_path / "base", "llama", ("v", "o"))
+  with pytest.raises(ValueError, match=r"centred LoRA on \['o'\].*'qwen2'"):
+    peft.export_merged(loaded.model, loaded.config, None, str(tmp_path / "merged"),
+                       source_path=str(tmp_path / "base"))
 
 
 def test_merged_export_loads_in_transformers_with_the_same_logits(tmp_path):

@@ -35,7 +35,11 @@ class ModelConfig:
     rope_scaling: Llama-3 rope scaling as sorted (key, value) pairs, or None.
     max_position_embeddings: longest sequence the model allows.
     tie_embeddings: lm_head shares the token embedding.
-    attention_bias: q/k/v projections carry a bias (Qwen2; GPT-2 always has biases).
+    attention_bias: q/k/v projections carry a bias (Qwen2, Llama's `attention_bias`; GPT-2
+      always has biases).
+    o_bias: the attention output projection carries a bias (Llama's `attention_bias` covers
+      q, k, v and o; Qwen2's only q, k, v).
+    mlp_bias: gate, up and down carry a bias (Llama's `mlp_bias`).
     param_dtype: dtype the weights are stored in.
     dtype: dtype the matmuls run in (logits and softmax are always float32).
     model_type: the Hugging Face model_type this came from (for export).
@@ -63,6 +67,8 @@ class ModelConfig:
   max_position_embeddings: int = 2048
   tie_embeddings: bool = False
   attention_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
   param_dtype: str = "float32"
   dtype: str = "float32"
   model_type: str = "llama"
@@ -152,4 +158,6 @@ def from_hf_config(cfg: Mapping[str, Any], source: str = "config.json") -> Model
       max_position_embeddings=cfg.get("max_position_embeddings", 2048),
       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
       attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
-      model_type=model_type)
+      # transformers' Llama puts `attention_bias` on o too, Qwen2 never biases o
+      o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+      mlp_bias=bool(cfg.get("mlp_bias", False)), model_type=model_type)

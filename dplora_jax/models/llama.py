@@ -38,7 +38,7 @@ class Attention(nnx.Module):
     self.q = layers.Dense(d, cfg.num_heads * hd, use_bias=cfg.attention_bias, **kw)
     self.k = layers.Dense(d, cfg.num_kv_heads * hd, use_bias=cfg.attention_bias, **kw)
     self.v = layers.Dense(d, cfg.num_kv_heads * hd, use_bias=cfg.attention_bias, **kw)
-    self.o = layers.Dense(cfg.num_heads * hd, d, use_bias=False, **kw)
+    self.o = layers.Dense(cfg.num_heads * hd, d, use_bias=cfg.o_bias, **kw)
 
   def __call__(self, x, positions, inv_freq, key_mask, query_index, cache):
     b, t, _ = x.shape
@@ -58,9 +58,9 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, stack: tuple, rngs: nnx.Rngs):
     kw = dict(stack=stack, param_dtype=cfg.jnp_param_dtype, dtype=cfg.jnp_dtype, rngs=rngs)
-    self.gate = layers.Dense(cfg.hidden_size, cfg.intermediate_size, use_bias=False, **kw)
-    self.up = layers.Dense(cfg.hidden_size, cfg.intermediate_size, use_bias=False, **kw)
-    self.down = layers.Dense(cfg.intermediate_size, cfg.hidden_size, use_bias=False, **kw)
+    self.gate = layers.Dense(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, **kw)
+    self.up = layers.Dense(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, **kw)
+    self.down = layers.Dense(cfg.intermediate_size, cfg.hidden_size, use_bias=cfg.mlp_bias, **kw)
 
   def __call__(self, x):
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

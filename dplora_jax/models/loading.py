@@ -263,7 +263,8 @@ def _weight_map(cfg: ModelConfig, lm_head: bool) -> dict[tuple, tuple[str, bool]
   for name, hf in llama.HF_MODULE_PATHS.items():
     group = llama.LORA_TARGETS[name][0]
     m[("layers", group, name, "kernel")] = (layer + hf + ".weight", True)
-    if cfg.attention_bias and name in ("q", "k", "v"):
+    if (cfg.attention_bias and name in ("q", "k", "v") or cfg.o_bias and name == "o"
+        or cfg.mlp_bias and name in ("gate", "up", "down")):
       m[("layers", group, name, "bias")] = (layer + hf + ".bias", False)
   return m
 
@@ -349,7 +350,9 @@ _GGUF_LAYER = {
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
     "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.v_proj.bias": "attn_v.bias", "self_attn.o_proj.bias": "attn_output.bias",
+    "mlp.gate_proj.bias": "ffn_gate.bias", "mlp.up_proj.bias": "ffn_up.bias",
+    "mlp.down_proj.bias": "ffn_down.bias",
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
@@ -420,7 +423,8 @@ def _open_gguf(path, dtype, param_dtype) -> WeightSource:
       rope_theta=float(meta("rope.freq_base", 10000.0)),
       max_position_embeddings=int(meta("context_length", 2048)),
       tie_embeddings="output.weight" not in tensors,
-      attention_bias="blk.0.attn_q.bias" in tensors, dtype=dtype, param_dtype=param_dtype,
+      attention_bias="blk.0.attn_q.bias" in tensors, o_bias="blk.0.attn_output.bias" in tensors,
+      mlp_bias="blk.0.ffn_down.bias" in tensors, dtype=dtype, param_dtype=param_dtype,
       model_type=arch)
 
   hf_to_gguf = dict(_GGUF_LLAMA)

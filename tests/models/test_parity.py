@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
     ("llama", {"tie_word_embeddings": False,
                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    ("llama", {"attention_bias": True, "mlp_bias": True}),  # biases on q, k, v, o; gate, up, down
     ("qwen2", {}),
     ("gpt2", {}),
 ])
