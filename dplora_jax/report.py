@@ -108,8 +108,10 @@ def privacy_lines(mechs: list[dict]) -> list[str]:
                    f"over-full samples cut at random, {how}")
       if d.get("noise_at") == "server":
         lines.append("    noise added once by the aggregator (dp.noise_at='server'): it sees each "
-                     "client's clipped, un-noised gradient sum and must be trusted; the eps holds "
-                     "against everyone else (other clients, whoever gets the adapter)")
+                     "client's clipped, un-noised gradient sum"
+                     + (" and its clipped, un-noised sums for the LoRA centre" if centre else "")
+                     + " and must be trusted; the eps holds against everyone else (other "
+                     "clients, whoever gets the adapter)")
     if m["name"] == "paper":
       d = m["details"]
       lines.append(f"    the paper's claim: eps = {d['paper_epsilon_per_iteration']:.3f} per "

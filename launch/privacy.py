@@ -102,8 +102,10 @@ def main(argv=None) -> int:
         print(f"  physical batch {d['max_batch']} (expected {d['expected_batch']}), over-full "
               f"samples cut: {how}")
         if d.get("noise_at") == "server":
+          centre = any(g.source == "lora centre" for g in m.prior)
           print("  noise added once by a TRUSTED aggregator (dp.noise_at='server'): it sees each "
-                "client's clipped, un-noised gradient sum")
+                "client's clipped, un-noised gradient sum"
+                + (" and its clipped, un-noised sums for the LoRA centre" if centre else ""))
       if m.name == "paper":
         d = m.details
         print(f"  the paper's claim: eps = {d['paper_epsilon_per_iteration']:.6g} per iteration "

@@ -14,7 +14,7 @@ from flax import nnx
 
 from configs import tiny
 from dplora_jax import build as build_lib, config as config_lib, export, lora as lora_lib
-from dplora_jax import train
+from dplora_jax import report, train
 from dplora_jax.deploy import protocol
 from dplora_jax.dp import plan as plan_lib, statistics
 from dplora_jax.federated import centre as centre_lib
@@ -156,6 +156,13 @@ def test_the_plan_composes_the_centres_gaussian_into_the_example_guarantee(capsy
   assert privacy.main(["--config", "configs/tiny.py:rounds=4", "--config.lora.centre=tokens",
                        "--config.dp.centre_noise_multiplier=3"]) == 0
   assert "includes the LoRA centre's release before round 1" in capsys.readouterr().out
+  # with a trusted aggregator, it names the centre's un-noised sums among what that party sees
+  assert privacy.main(["--config", "configs/tiny.py:rounds=4,steps=1", "--config.lora.centre=tokens",
+                       "--config.dp.noise_at=server"]) == 0
+  assert "un-noised sums for the LoRA centre" in capsys.readouterr().out
+  text = "\n".join(report.privacy_lines([m.to_dict() for m in plan_lib.make_plan(_tiny(
+      ("lora.centre", "tokens"), ("dp.noise_at", "server"), arg="rounds=4,steps=1")).mechanisms]))
+  assert "un-noised sums for the LoRA centre and must be trusted" in text
 
 
 def test_a_centred_run_releases_its_centre_once_per_workdir(tmp_path):

@@ -19,7 +19,10 @@ def _cfg(**overrides):
 def test_demo_and_tiny_configs_convert():
   run = config_lib.from_config_dict(demo.get_config())
   assert (run.fed.num_clients, run.lora.rank, run.lora.targets, run.dp.target_epsilon) == (
-      5, 8, ("q", "k", "v"), 8.0)
+      5, 4, ("o", "down"), 8.0)
+  assert (run.lora.centre, run.lora.first_layer, run.dp.noise_at) == ("loss", 29, "server")
+  run = config_lib.from_config_dict(demo.get_config("noise_at=client,eps=4"))
+  assert (run.dp.noise_at, run.dp.target_epsilon) == ("client", 4.0)
   run = config_lib.from_config_dict(tiny.get_config("eps=2,rank=2,mode=none"))
   assert (run.dp.target_epsilon, run.lora.rank, run.dp.mode) == (2.0, 2, "none")
   run = config_lib.from_config_dict(paper.get_config("rounds=3"))
