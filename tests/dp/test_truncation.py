@@ -43,7 +43,8 @@ def _cfg(n_pub=500, batch=16, rounds=6, local_steps=1, mb=8, **dp):
 
 @pytest.fixture(scope="module")
 def demo_plan():
-  """The demo's shape: max_client_size 500, expected batch 16, 6 steps, eps 8 at delta 1e-5."""
+  """A demo-sized shape (the demo before session 21): max_client_size 500, expected batch 16, 6
+  steps, eps 8 at delta 1e-5."""
   return plan_lib.make_plan(_cfg())
 
 
