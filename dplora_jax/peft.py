@@ -271,11 +271,11 @@ def _source_config(source_path: str) -> dict | None:
   return None
 
 
-def _hf_config(model_cfg, source_path: str) -> dict:
-  """config.json of the merged model: the source's own when it is an HF directory, with its bias
-  flags set to what the merged weights carry."""
+def _hf_config(model_cfg, src: dict | None) -> dict:
+  """config.json of the merged model: the source's own (`src`) when it is an HF directory, with
+  its bias flags set to what the merged weights carry."""
   c = model_cfg
-  out = _source_config(source_path)
+  out = src
   if out is not None:
     if c.family == "llama" and out.get("model_type") == "llama":
       out["attention_bias"], out["mlp_bias"] = c.o_bias, c.mlp_bias
@@ -299,17 +299,16 @@ ATTENTION = ("q", "k", "v", "o")
 MLP = ("gate", "up", "down")
 
 
-def _merged_model_config(model: nnx.Module, model_cfg, source_path: str):
+def _merged_model_config(model: nnx.Module, model_cfg, src: dict | None):
   """The model config of the merged weights. A centred LoRA merges into a bias (-s (c A) B);
   transformers' Llama has one switch for the q, k, v, o biases (`attention_bias`) and one for
   gate, up, down (`mlp_bias`), so a bias on one layer of a group turns on the group (the others
   are written as zeros); a model type without such a bias (Qwen2's o, its MLP; Mistral) is
   refused. GPT-2 has every bias already."""
   c = model_cfg
-  biased = set(lora_lib.centres(model))
   if c.family != "llama":
     return c
-  src = _source_config(source_path)
+  biased = set(lora_lib.centres(model))
   hf_type = "llama" if src is None else src.get("model_type")
   has = {**{n: c.attention_bias for n in ("q", "k", "v")}, "o": c.o_bias,
          **{n: c.mlp_bias for n in MLP}}
@@ -329,7 +328,8 @@ def export_merged(model: nnx.Module, model_cfg, tokenizer, out_dir: str, *,
                   source_path: str = "") -> str:
   """Writes base + LoRA merged as an HF model directory (config.json, model.safetensors,
   tokenizer files)."""
-  model_cfg = _merged_model_config(model, model_cfg, source_path)
+  src = _source_config(source_path)
+  model_cfg = _merged_model_config(model, model_cfg, src)
   merged = lora_lib.merge_lora(model)
   state = nnx.state(merged, nnx.Param)
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
@@ -350,7 +350,7 @@ def export_merged(model: nnx.Module, model_cfg, tokenizer, out_dir: str, *,
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(_hf_config(model_cfg, source_path), f, indent=2)
+    json.dump(_hf_config(model_cfg, src), f, indent=2)
   if tokenizer is not None:
     tokenizer.save_pretrained(out_dir)
   elif os.path.isdir(source_path) and os.path.isfile(os.path.join(source_path, "tokenizer.json")):

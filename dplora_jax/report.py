@@ -107,9 +107,8 @@ def privacy_lines(mechs: list[dict]) -> list[str]:
       lines.append(f"    physical batch {d['max_batch']} (expected {d['expected_batch']}); "
                    f"over-full samples cut at random, {how}")
       if d.get("noise_at") == "server":
-        lines.append("    noise added once by the aggregator (dp.noise_at='server'): it sees each "
-                     "client's clipped, un-noised gradient sum"
-                     + (" and its clipped, un-noised sums for the LoRA centre" if centre else "")
+        lines.append("    noise added once by the aggregator (dp.noise_at='server'): it sees "
+                     + plan_lib.aggregator_sees(bool(centre))
                      + " and must be trusted; the eps holds against everyone else (other "
                      "clients, whoever gets the adapter)")
     if m["name"] == "paper":

@@ -16,7 +16,7 @@ import sys
 import json
 
 from dplora_jax import build, config as config_lib, config_files
-from dplora_jax.dp import accounting
+from dplora_jax.dp import accounting, plan as plan_lib
 from launch import cli
 
 
@@ -102,10 +102,9 @@ def main(argv=None) -> int:
         print(f"  physical batch {d['max_batch']} (expected {d['expected_batch']}), over-full "
               f"samples cut: {how}")
         if d.get("noise_at") == "server":
-          centre = any(g.source == "lora centre" for g in m.prior)
-          print("  noise added once by a TRUSTED aggregator (dp.noise_at='server'): it sees each "
-                "client's clipped, un-noised gradient sum"
-                + (" and its clipped, un-noised sums for the LoRA centre" if centre else ""))
+          centred = any(g.source == "lora centre" for g in m.prior)
+          print("  noise added once by a TRUSTED aggregator (dp.noise_at='server'): it sees "
+                + plan_lib.aggregator_sees(centred))
       if m.name == "paper":
         d = m.details
         print(f"  the paper's claim: eps = {d['paper_epsilon_per_iteration']:.6g} per iteration "

@@ -252,11 +252,16 @@ def _example(cfg, prior: tuple[Segment, ...]):
                "noise_at": dp.noise_at,
                "note": "client sampling not credited (conservative)"
                        + ("; noise added once by the aggregator, which must be trusted: it sees "
-                          "each client's clipped, un-noised gradient sum"
-                          + (" and its clipped, un-noised sums for the LoRA centre"
-                             if cfg.lora.centre != "none" else "")
+                          + aggregator_sees(cfg.lora.centre != "none")
                           if dp.noise_at == "server" else "")})
   return mech, DPSGD(float(dp.clip_norm), sigma, float(b)), max_batch
+
+
+def aggregator_sees(centred: bool) -> str:
+  """What a trusted aggregator (`dp.noise_at='server'`) sees un-noised: the plan's note, the run
+  summary and `launch.privacy` say it in these words."""
+  return ("each client's clipped, un-noised gradient sum"
+          + (" and its clipped, un-noised sums for the LoRA centre" if centred else ""))
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -127,6 +127,12 @@ def release(per_client: list, noise_multiplier: float, noise_at: str, key: jax.A
   return sums, count
 
 
+def noise_multiplier(cfg) -> float:
+  """The noise of the plan's own "lora centre" segment (0 without DP): accounted == applied."""
+  segments = plan_lib.centre_segments(cfg)
+  return segments[0].noise_multiplier if segments else 0.0
+
+
 def compute(cfg, setup, stacked: dict, key: jax.Array) -> dict[str, np.ndarray]:
   """{target: c [L, in] float32}: the released centre of `setup`'s clients (rows of `stacked`,
   with the cached prefix under "hidden" when there is one). Layers below `lora.first_layer`
@@ -140,9 +146,7 @@ def compute(cfg, setup, stacked: dict, key: jax.Array) -> dict[str, np.ndarray]:
                      "are not yet gathered across processes; run it in one process.")
   model = lora_lib.merge(setup.graphdef, setup.lora, setup.frozen)
   bound = bounds(cfg, setup, model.config.vocab_size)
-  # the noise of the plan's own "lora centre" segment (none without DP): accounted == applied
-  segments = plan_lib.centre_segments(cfg)
-  sigma = segments[0].noise_multiplier if segments else 0.0
+  sigma = noise_multiplier(cfg)
   per_client = client_sums(setup.graphdef, setup.lora, setup.frozen, stacked, setup.clients,
                            cfg.lora.centre, bound)
   sums, count = release(per_client, sigma, cfg.dp.noise_at, key)
@@ -221,9 +225,7 @@ def ensure(cfg, setup, stacked: dict, key: jax.Array, workdir: str, main: bool =
     if main:
       save(workdir, cfg, values)
     if progress and main:
-      segments = plan_lib.centre_segments(cfg)
-      print(f"lora centre ({cfg.lora.centre}): released once (sigma "
-            f"{segments[0].noise_multiplier if segments else 0}, {time.time() - t0:.0f} s)",
-            flush=True)
+      print(f"lora centre ({cfg.lora.centre}): released once (sigma {noise_multiplier(cfg)}, "
+            f"{time.time() - t0:.0f} s)", flush=True)
   with_centre(setup, values)
   return values
