@@ -137,6 +137,12 @@ def metric_text(m: dict) -> str:
   return ", ".join(f"{name} {m[k]:.3f}" for k, name in _SHOWN if k in m)
 
 
+def label_f1_text(m: dict) -> str:
+  """'negative 0.250, positive 0.565, neutral 0.847' for a classification task ('' otherwise)."""
+  return ", ".join(f"{lab} {v:.3f}" for lab, v in zip(m.get("labels", ()),
+                                                      m.get("f1_per_label", ())))
+
+
 def format_summary(s: dict) -> str:
   """The human report `make demo` prints."""
   b, a = s["eval"]["before"], s["eval"]["after"]
@@ -162,6 +168,8 @@ def format_summary(s: dict) -> str:
         f"    zero-shot : {metric_text(b)}",
         f"    fine-tuned: {metric_text(a)}",
     ]
+  if label_f1_text(a):
+    lines.append(f"    F1 of each label: zero-shot {label_f1_text(b)}; fine-tuned {label_f1_text(a)}")
   if "majority_accuracy" in b:
     lines.append(f"    always answering the most frequent class: accuracy "
                  f"{b['majority_accuracy']:.3f}"

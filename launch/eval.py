@@ -62,6 +62,8 @@ def main(argv=None) -> int:
   results = [evaluation.evaluate(ev, n, f, **over) for n, f in zip(names, files)]
   for r in results:
     print(f"{r['task']:<18} n={r['n']:<5} {report.metric_text(r)}  ({r['file']})")
+    if report.label_f1_text(r):
+      print(f"{'':<18} F1 of each label: {report.label_f1_text(r)}")
   if args.out:
     doc = ({**ev.source, **results[0]} if len(results) == 1 else
            {**ev.source, "results": results})

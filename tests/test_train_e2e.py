@@ -63,6 +63,11 @@ def test_summary_consistent(result):
   # eval_every: held-out metrics in metrics.jsonl at rounds 3 and 6; round 6's are the "after"
   assert [l["round"] for l in lines if "eval" in l] == [3, 6]
   assert lines[-1]["eval"] == on_disk["eval"]["after"]
+  after = on_disk["eval"]["after"]  # which class the macro F1 misses: per label, and the matrix
+  assert sum(map(sum, after["confusion"])) == after["n"]
+  assert len(after["f1_per_label"]) == len(after["labels"]) == len(after["confusion"])
+  assert f"fine-tuned {after['labels'][0]} {after['f1_per_label'][0]:.3f}, " in \
+      train.format_summary(on_disk)
 
 
 def test_lr_zero_is_refused(tmp_path):

@@ -18,7 +18,9 @@ def classification_metrics(pred: np.ndarray, labels: np.ndarray, num_labels: int
   """Accuracy; macro, micro and weighted F1 (scikit-learn's definitions: a class with no true
   and no predicted example has F1 0); the majority-class accuracy of these labels, and their
   label-prior NLL (the entropy of their label frequencies, in nats: the held-out NLL of a model
-  that knows only how often each label occurs here, so an NLL below it is learned from the text)."""
+  that knows only how often each label occurs here, so an NLL below it is learned from the text);
+  each label's F1 (`f1_per_label`, in label order) and the confusion matrix (`confusion`: rows the
+  true label, columns the prediction), which say which class a macro F1 misses."""
   m = confusion(pred, labels, num_labels)
   tp = np.diag(m).astype(float)
   fp, fn = m.sum(0) - tp, m.sum(1) - tp
@@ -33,7 +35,9 @@ def classification_metrics(pred: np.ndarray, labels: np.ndarray, num_labels: int
           "f1_weighted": float((f1 * support).sum() / max(support.sum(), 1.0)),
           "majority_accuracy": float(support.max() / n) if n else 0.0,
           "prior_nll": _entropy(support),
-          "n": n}
+          "n": n,
+          "f1_per_label": [float(v) for v in f1],
+          "confusion": m.tolist()}
 
 
 def _entropy(counts: np.ndarray) -> float:

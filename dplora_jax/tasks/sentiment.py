@@ -65,6 +65,7 @@ class SentimentTask(base.Task):
     answers = data_lib.label_token_ids(tokenizer, dc.labels)
     scores = scoring.label_scores(parts, ex, answers, tokenizer.pad_token_id, dc.eval_batch_size)
     out = metrics.classification_metrics(np.argmax(scores, axis=1), ex.labels, len(dc.labels))
+    out["labels"] = list(dc.labels)  # the order of f1_per_label and of confusion's rows / columns
     # the mean negative log-likelihood of the gold label: over the whole vocabulary, and among the
     # label words only (the softmax over their scores: comparable with `prior_nll`, and what
     # optim.loss='labels' trains, which leaves the whole-vocabulary NLL untrained)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import tiny
@@ -63,6 +64,12 @@ def test_a_user_file_of_label_words_is_a_finance_sentiment_file(run, tmp_path):
                "finance_sentiment", "--file", str(f), "--max-length", "192"], tmp_path / "o.json")
   assert got["n"] == 3 and 0 <= got["accuracy"] <= 1 and "f1_macro" in got
   assert got["majority_accuracy"] == pytest.approx(1 / 3)
+  # which label the macro F1 misses: each label's F1 agrees with the confusion matrix written
+  assert got["labels"] == ["negative", "positive", "neutral"]
+  m = np.array(got["confusion"])
+  assert m.sum(1).tolist() == [1, 1, 1]
+  assert got["f1_per_label"] == pytest.approx(2 * np.diag(m) / np.maximum(m.sum(0) + m.sum(1), 1))
+  assert np.mean(got["f1_per_label"]) == pytest.approx(got["f1_macro"])
 
 
 @pytest.mark.parametrize("content,match", [

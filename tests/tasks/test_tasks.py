@@ -57,6 +57,8 @@ def test_f1_variants_on_a_confusion_matrix_worked_by_hand():
   assert m["f1_weighted"] == pytest.approx((3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
   assert m["f1_micro"] == pytest.approx(4 / 6)  # single-label: micro F1 is the accuracy
   assert m["majority_accuracy"] == pytest.approx(3 / 6)
+  assert m["f1_per_label"] == pytest.approx([0.8, 0.5, 2 / 3])
+  assert m["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
   # label frequencies 1/2, 1/3, 1/6
   assert m["prior_nll"] == pytest.approx(-(np.log(1 / 2) / 2 + np.log(1 / 3) / 3
                                            + np.log(1 / 6) / 6))
