@@ -3,7 +3,7 @@
 import os
 import pytest
 
-from configs import audit, demo, paper, tiny
+from configs import audit, demo, finance_centred, paper, tiny
 from dplora_jax import config as config_lib, config_files
 
 
@@ -30,6 +30,18 @@ def test_demo_and_tiny_configs_convert():
       "paper", 2.0, 10.0, 3)
   run = config_lib.from_config_dict(audit.get_config("mode=none"))
   assert (run.dp.mode, run.optim.optimizer) == ("none", "adamw")
+
+
+def test_the_centred_finance_recipe_and_the_demo_share_it():
+  run = config_lib.from_config_dict(finance_centred.get_config())
+  assert (run.data.max_train_examples, run.data.max_client_size, run.fed.rounds,
+          run.dp.clip_norm, run.dp.noise_at) == (9500, 1900, 200, 2.0, "server")
+  demo_run = config_lib.from_config_dict(demo.get_config())
+  for section in ("lora", "optim", "model"):  # the demo is the same recipe, cut to 10 minutes
+    assert getattr(demo_run, section) == getattr(run, section)
+  assert demo_run.data.max_client_size == 500
+  run = config_lib.from_config_dict(finance_centred.get_config("eps=2,noise_at=client,clip=1"))
+  assert (run.dp.target_epsilon, run.dp.noise_at, run.dp.clip_norm) == (2.0, "client", 1.0)
 
 
 @pytest.mark.parametrize("overrides,match", [
