@@ -10,8 +10,8 @@ validation rows; ~13 min of frozen prefix and ~13 min of rounds on a 2-core CPU.
 (`lora.centre='loss'`: the adapted layers' mean input, released once with DP and composed into
 eps) with B's first rows on the label logits (`lora.init='zero_a_labels'`), rank 4 on o and down,
 a loss on the label tokens, 200 rounds of one client SGD step (expected Poisson batch 64) with
-server momentum 0.9 and a cosine decay, per-example clip C = 2 (at C = 1 more than half the
-examples are clipped and the minority labels' gradients most: macro F1 0.55; section 4r),
+server momentum 0.9 and a cosine decay, per-example clip C = 4 (at C = 1 the clip holds the
+minority labels back: macro F1 0.54 on all 2,388 validation tweets, 0.60 at C = 4; section 4r),
 example-level eps 8 at delta 1e-5 (PLD, truncated Poisson accounted).
 
 The noise is added once by a trusted aggregator (`dp.noise_at='server'`: it sees each client's
@@ -44,7 +44,7 @@ def centred_recipe(c: ml_collections.ConfigDict) -> None:
   c.optim.loss = "labels"
   c.optim.microbatch_size = 32
   c.optim.learning_rate = 0.1
-  c.dp.clip_norm = 2.0
+  c.dp.clip_norm = 4.0
   c.dp.target_epsilon = 8.0
   c.dp.delta = 1e-5
   c.dp.noise_at = "server"

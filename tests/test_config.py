@@ -20,7 +20,8 @@ def test_demo_and_tiny_configs_convert():
   run = config_lib.from_config_dict(demo.get_config())
   assert (run.fed.num_clients, run.lora.rank, run.lora.targets, run.dp.target_epsilon) == (
       5, 4, ("o", "down"), 8.0)
-  assert (run.lora.centre, run.lora.first_layer, run.dp.noise_at) == ("loss", 29, "server")
+  assert (run.lora.centre, run.lora.first_layer, run.dp.noise_at, run.dp.clip_norm) == (
+      "loss", 29, "server", 2.0)
   run = config_lib.from_config_dict(demo.get_config("noise_at=client,eps=4"))
   assert (run.dp.noise_at, run.dp.target_epsilon) == ("client", 4.0)
   run = config_lib.from_config_dict(tiny.get_config("eps=2,rank=2,mode=none"))
@@ -35,7 +36,7 @@ def test_demo_and_tiny_configs_convert():
 def test_the_centred_finance_recipe_and_the_demo_share_it():
   run = config_lib.from_config_dict(finance_centred.get_config())
   assert (run.data.max_train_examples, run.data.max_client_size, run.fed.rounds,
-          run.dp.clip_norm, run.dp.noise_at) == (9500, 1900, 200, 2.0, "server")
+          run.dp.clip_norm, run.dp.noise_at) == (9500, 1900, 200, 4.0, "server")
   demo_run = config_lib.from_config_dict(demo.get_config())
   for section in ("lora", "optim", "model"):  # the demo is the same recipe, cut to 10 minutes
     assert getattr(demo_run, section) == getattr(run, section)
