@@ -169,7 +169,8 @@ def format_summary(s: dict) -> str:
         f"    fine-tuned: {metric_text(a)}",
     ]
   if label_f1_text(a):
-    lines.append(f"    F1 of each label: zero-shot {label_f1_text(b)}; fine-tuned {label_f1_text(a)}")
+    lines.append(f"    F1 of each label: zero-shot {label_f1_text(b)}; "
+                 f"fine-tuned {label_f1_text(a)}")
   if "majority_accuracy" in b:
     lines.append(f"    always answering the most frequent class: accuracy "
                  f"{b['majority_accuracy']:.3f}"
