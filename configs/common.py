@@ -19,6 +19,12 @@ def base_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(d)
 
 
+def even_client_bound(c: ml_collections.ConfigDict) -> None:
+  """The public bound on a client's size, declared by the consortium: an even split of the
+  example budget (q = batch_size / max_client_size; sizes themselves are never released)."""
+  c.data.max_client_size = -(-c.data.max_train_examples // c.fed.num_clients)
+
+
 def apply_args(c: ml_collections.ConfigDict, arg: str | None, names: dict) -> None:
   """Applies `k=v,k=v` from `--config file.py:k=v,...` using short names -> dotted fields."""
   if not arg:

@@ -16,8 +16,8 @@ own (`:noise_at=client`, the deployment's trust: sqrt(5) more noise in the avera
 compute ended on the majority class at C = 1 (docs/results.md, 4q).
 """
 
-from configs.common import apply_args, base_config
-from configs.finance_centred import centred_recipe, public_client_bound
+from configs.common import apply_args, base_config, even_client_bound
+from configs.finance_centred import centred_recipe
 
 ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "clients": "fed.num_clients",
         "rounds": "fed.rounds", "lr": "optim.learning_rate", "noise_at": "dp.noise_at",
@@ -32,6 +32,6 @@ def get_config(arg: str | None = None):
   c.dp.clip_norm = 2.0  # the recipe's 4 needs its 9,500 rows: measured at 2 here (results 4r)
   c.fed.rounds = 75
   apply_args(c, arg, ARGS)
-  public_client_bound(c)
+  even_client_bound(c)
   c.lock()
   return c

@@ -10,7 +10,7 @@ max-epsilon).
 """
 
 from configs import demo
-from configs.common import apply_args
+from configs.common import apply_args, even_client_bound
 
 ARGS = {"eps": "dp.target_epsilon", "rounds": "fed.rounds", "clients": "fed.num_clients",
         "mode": "dp.mode", "examples": "data.max_train_examples"}
@@ -26,5 +26,5 @@ def get_config(arg: str | None = None):
     c.fed.rounds = 3
     apply_args(c, arg, ARGS)
     # the consortium's public bound on an institution's number of examples
-    c.data.max_client_size = -(-c.data.max_train_examples // c.fed.num_clients)
+    even_client_bound(c)
   return c

@@ -14,7 +14,7 @@ TFNS validation (a fixed 480-row subset) is the held-out set; FiQA-SA is evaluat
 from its path (it is not shipped).
 """
 
-from configs.common import apply_args, base_config, smollm2_dp_recipe
+from configs.common import apply_args, base_config, smollm2_dp_recipe, even_client_bound
 
 ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "clients": "fed.num_clients",
         "rounds": "fed.rounds", "batch": "data.batch_size", "lr": "optim.learning_rate",
@@ -35,7 +35,7 @@ def get_config(arg: str | None = None):
   c.fed.local_steps = 1
   c.eval_every = 0
   apply_args(c, arg, ARGS)
-  c.data.max_client_size = -(-c.data.max_train_examples // c.fed.num_clients)
+  even_client_bound(c)
   c.lock()
   return c
 

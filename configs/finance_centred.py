@@ -22,7 +22,7 @@ average). `make demo` (configs/demo.py) is this recipe cut to 10 minutes.
 
 import ml_collections
 
-from configs.common import apply_args, base_config
+from configs.common import apply_args, base_config, even_client_bound
 
 ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "clients": "fed.num_clients",
         "rounds": "fed.rounds", "lr": "optim.learning_rate", "noise_at": "dp.noise_at",
@@ -56,12 +56,6 @@ def centred_recipe(c: ml_collections.ConfigDict) -> None:
   c.fed.server_lr_decay = "cosine"
 
 
-def public_client_bound(c: ml_collections.ConfigDict) -> None:
-  """The public bound on a client's size, declared by the consortium: here an even split of the
-  example budget (q = batch_size / max_client_size; sizes themselves are never released)."""
-  c.data.max_client_size = -(-c.data.max_train_examples // c.fed.num_clients)
-
-
 def get_config(arg: str | None = None):
   c = base_config()
   centred_recipe(c)
@@ -70,7 +64,7 @@ def get_config(arg: str | None = None):
   c.fed.rounds = 200
   c.eval_every = 50
   apply_args(c, arg, ARGS)
-  public_client_bound(c)
+  even_client_bound(c)
   c.lock()
   return c
 

@@ -11,7 +11,7 @@ The planner reads only config.json and the tokenizer: it tells what one device n
 weight is loaded.
 """
 
-from configs.common import apply_args, base_config
+from configs.common import apply_args, base_config, even_client_bound
 
 ARGS = {"path": "model.path", "fsdp": "mesh.fsdp", "eps": "dp.target_epsilon",
         "rank": "lora.rank", "clients": "fed.num_clients", "rounds": "fed.rounds",
@@ -54,6 +54,6 @@ def finance_config(path: str):
 def get_config(arg: str | None = None):
   c = finance_config(DEFAULT_PATH)
   apply_args(c, arg, ARGS)
-  c.data.max_client_size = -(-c.data.max_train_examples // c.fed.num_clients)
+  even_client_bound(c)
   c.lock()
   return c

@@ -5,13 +5,13 @@ configs/llama2_7b_fin.py with the Llama-3 model.
       --devices 8 --device_memory_gb 80
 """
 
-from configs.common import apply_args
+from configs.common import apply_args, even_client_bound
 from configs.llama2_7b_fin import ARGS, finance_config
 
 
 def get_config(arg: str | None = None):
   c = finance_config("Meta-Llama-3-8B")
   apply_args(c, arg, ARGS)
-  c.data.max_client_size = -(-c.data.max_train_examples // c.fed.num_clients)
+  even_client_bound(c)
   c.lock()
   return c

@@ -3,7 +3,7 @@
   python -m launch.train --config configs/tiny.py --workdir /tmp/tiny
 """
 
-from configs.common import apply_args, base_config
+from configs.common import apply_args, base_config, even_client_bound
 
 ARGS = {"eps": "dp.target_epsilon", "rank": "lora.rank", "clients": "fed.num_clients",
         "rounds": "fed.rounds", "mode": "dp.mode", "agg": "fed.aggregation",
@@ -41,7 +41,7 @@ def get_config(arg: str | None = None):
   c.fed.local_steps = 2
   apply_args(c, arg, ARGS)
   if not c.data.max_client_size:  # the public bound: an even split of the public example budget
-    c.data.max_client_size = -(-c.data.max_train_examples // c.fed.num_clients)
+    even_client_bound(c)
   c.lock()
   return c
 
