@@ -34,6 +34,12 @@ def label_logprob(logits: jax.Array, target: jax.Array, label_tokens: jax.Array)
 
 
 def token_logprob(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """log p(targets) under logits [..., V] (float32)."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  """log p(targets) under logits [..., V] (float32).
+
+  logit[target] - logsumexp(logits): no [..., V] log-probabilities are written, and the target's
+  logit is picked by a comparison with an iota (its gradient is an elementwise select fused into
+  the softmax's, not a scatter into a zero-filled [..., V] buffer)."""
+  logits = logits.astype(jnp.float32)
+  hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+  picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+  return picked - jax.nn.logsumexp(logits, axis=-1)

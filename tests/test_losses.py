@@ -35,6 +35,18 @@ def test_answer_positions_are_the_first_p_loss_positions():
   np.testing.assert_array_equal(valid.sum(1), [3, 1, 0])
 
 
+def test_token_logprob_equals_the_log_softmax_at_the_target_with_its_gradient():
+  # the reference: log_softmax over the vocabulary, then the target's entry
+  logits = jax.random.normal(jax.random.key(0), (3, 5, 97)) * 4.0
+  targets = jax.random.randint(jax.random.key(1), (3, 5), 0, 97)
+  ref = lambda x: jnp.take_along_axis(jax.nn.log_softmax(x, -1), targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(losses.token_logprob(logits, targets), ref(logits), atol=1e-5)
+  w = jax.random.normal(jax.random.key(2), (3, 5))
+  g = jax.grad(lambda x: jnp.sum(w * losses.token_logprob(x, targets)))(logits)
+  g_ref = jax.grad(lambda x: jnp.sum(w * ref(x)))(logits)
+  np.testing.assert_allclose(g, g_ref, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_model_logits_at_positions_equal_the_full_logits_there(family):
   arch = dataclasses.replace(tiny.ARCH, family=family, num_kv_heads=tiny.ARCH.num_heads) \
