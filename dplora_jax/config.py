@@ -54,6 +54,11 @@ class ModelSource:
   # and reuse them every step (exact; costs n_k x T x hidden floats of memory per client; not with
   # mesh.fsdp > 1, where the frozen weights are sliced over devices)
   cache_prefix: bool = True
+  # with cache_prefix: also keep those activations in this directory, keyed by everything they
+  # depend on, so a later run on the same rows (a sweep's other points) reads them instead of
+  # recomputing ("" = never kept). They are as sensitive as the training rows (not a DP release):
+  # owner-only files; keep the directory where the data lives (`dplora_jax.prefix_cache`)
+  prefix_cache_dir: str = ""
 
   def __post_init__(self):
     for f in ("dtype", "param_dtype"):
@@ -423,8 +428,8 @@ RESUME_MAY_CHANGE = ("log_every", "checkpoint_every", "checkpoint_keep", "data.e
                      "data.eval_file", "data.eval_batch_size", "data.max_new_tokens", "eval_every",
                      # execution only: how the same mechanism is computed
                      "model.attention", "model.remat", "model.remat_policy",
-                     "model.cache_prefix", "data.length_buckets", "fed.client_loop", "mesh.fsdp",
-                     "mesh.ordered_aggregation")
+                     "model.cache_prefix", "model.prefix_cache_dir", "data.length_buckets",
+                     "fed.client_loop", "mesh.fsdp", "mesh.ordered_aggregation")
 RENAMED = {"dp.noise_seed": "dp.reproducible_seed"}
 _SECTIONS = {"model": ModelSource, "lora": LoRAConfig, "data": DataConfig, "dp": DPConfig,
              "fed": FedConfig, "optim": OptimConfig, "mesh": MeshConfig}

@@ -166,17 +166,22 @@ def finished(point: Point, root: str) -> bool:
   return os.path.isfile(os.path.join(point.workdir(root), "summary.json"))
 
 
-def command(config_spec: str, point: Point, root: str) -> list[str]:
+def command(config_spec: str, point: Point, root: str, prefix_cache_dir: str = "") -> list[str]:
+  dotted = point.dotted()
+  if prefix_cache_dir and "model.prefix_cache_dir" not in dotted:
+    dotted = {"model.prefix_cache_dir": prefix_cache_dir, **dotted}
   return ([sys.executable, "-m", "launch.train", "--config", point.spec(config_spec),
            "--workdir", point.workdir(root), "--quiet"]
-          + [f"--config.{k}={v}" for k, v in point.dotted().items()])
+          + [f"--config.{k}={v}" for k, v in dotted.items()])
 
 
 def run(config_spec: str, root: str, points: list[Point], *, parallel: int = 1,
-        echo: Callable[[str], None] = print) -> dict[str, str]:
+        echo: Callable[[str], None] = print, prefix_cache_dir: str = "") -> dict[str, str]:
   """Runs the unfinished points (`parallel` processes at a time); returns {name: status}
   ("skipped", "done", "resumed", "failed (rc N)"). A point's output goes to its workdir's
-  log.txt; a failed point does not stop the others."""
+  log.txt; a failed point does not stop the others. `prefix_cache_dir`: every point keeps and
+  reads the frozen prefix's activations there (`model.prefix_cache_dir`; a point that sets its
+  own keeps it), so points on the same rows compute them once (two running at once may both)."""
   os.makedirs(os.path.join(root, "points"), exist_ok=True)
   status, queue, running = {}, [], {}
   total = len(points)
@@ -193,8 +198,8 @@ def run(config_spec: str, root: str, points: list[Point], *, parallel: int = 1,
       os.makedirs(wd, exist_ok=True)
       resumed = os.path.isdir(os.path.join(wd, "checkpoints"))
       log = open(os.path.join(wd, "log.txt"), "a", encoding="utf-8")
-      proc = subprocess.Popen(command(config_spec, p, root), stdout=log, stderr=subprocess.STDOUT,
-                              env=_env())
+      proc = subprocess.Popen(command(config_spec, p, root, prefix_cache_dir), stdout=log,
+                              stderr=subprocess.STDOUT, env=_env())
       running[proc] = (i, p, log, time.time(), resumed)
       echo(f"[{i}/{total}] {p.name}: {'resuming' if resumed else 'started'}")
     time.sleep(0.2)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dplora_jax import build as build_lib, checkpoint as ckpt_lib, report, workdir as workdir_lib
-from dplora_jax import distributed
+from dplora_jax import distributed, prefix_cache
 from dplora_jax import config as config_lib, lora as lora_lib
 from dplora_jax.config import RunConfig
 from dplora_jax.data import buckets as buckets_lib
@@ -63,31 +62,6 @@ def _stack_clients(clients, num_slots: int, rows=None):
     if i < len(clients):
       for k in out:
         out[k][i, :len(clients[i])] = getattr(clients[i], k)
-  return out
-
-
-def _prefix_cache(s, stacked: dict, rows, chunk: int = 32) -> np.ndarray:
-  """[slots, n_max, T, D]: each client's activations entering layer `lora.first_layer`
-  (`lora.frozen_prefix`), computed once: nothing below that layer trains. Only the rows this
-  process owns are filled (a client's cache is computed where its data lives). Rows are taken
-  shortest first, `chunk` at a time, at the shortest multiple of 8 that holds the chunk's
-  longest row (right padding and causal attention: the values at real positions are those of
-  the full row; positions after a row's end stay zero and are never read by a real one)."""
-  fn = jax.jit(functools.partial(lora_lib.frozen_prefix, s.graphdef))
-  tokens, mask = stacked["tokens"], stacked["mask"]
-  slots, n, t = tokens.shape
-  shape = jax.eval_shape(fn, s.lora, s.frozen, np.zeros((chunk, t), tokens.dtype),
-                         np.zeros((chunk, t), mask.dtype))
-  out = np.zeros((slots, n, t, shape.shape[-1]), shape.dtype)
-  for i in (range(slots) if rows is None else rows):
-    if i >= len(s.clients):
-      continue
-    for sel, width in buckets_lib.length_chunks(mask[i, :len(s.clients[i])].sum(1), t, chunk):
-      tok, m = tokens[i, sel, :width], mask[i, sel, :width]
-      if len(sel) < chunk:  # one shape per width, one compile
-        tok = np.concatenate([tok, np.zeros((chunk - len(sel), width), tok.dtype)])
-        m = np.concatenate([m, np.zeros((chunk - len(sel), width), m.dtype)])
-      out[i, sel, :width] = np.asarray(fn(s.lora, s.frozen, tok, m))[:len(sel)]
   return out
 
 
@@ -174,10 +148,11 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
   stacked = _stack_clients(s.clients, slots, owned)
   if cfg.lora.first_layer and cfg.model.cache_prefix and not sliced:
     t0 = time.time()
-    stacked["hidden"] = _prefix_cache(s, stacked, owned)
+    stacked["hidden"], source = prefix_cache.load_or_compute(s, stacked, owned,
+                                                             cfg.model.prefix_cache_dir)
     if progress and main:
-      print(f"frozen layers 0-{cfg.lora.first_layer - 1}: each client's activations computed "
-            f"once ({report.human_bytes(stacked['hidden'].nbytes)}, {time.time() - t0:.0f} s)",
+      print(f"frozen layers 0-{cfg.lora.first_layer - 1}: each client's activations {source} "
+            f"({report.human_bytes(stacked['hidden'].nbytes)}, {time.time() - t0:.0f} s)",
             flush=True)
   if cfg.lora.centre != "none":  # before anything evaluates or trains: part of the model
     centre_lib.ensure(cfg, s, stacked, randomness.centre_key, workdir, main, progress,

@@ -90,20 +90,57 @@ def test_a_round_on_the_cached_prefix_equals_the_round_that_recomputes_it():
                                                    _per_layer(state_wrong.lora)))
 
 
-def test_training_with_and_without_the_prefix_cache_gives_the_same_adapter(tmp_path):
+def test_training_with_and_without_the_prefix_cache_gives_the_same_adapter(tmp_path,
+                                                                           monkeypatch):
+  import os
+  import stat
+
   from configs import tiny as tiny_config
-  from dplora_jax import config as config_lib, train
-  results = {}
-  for cache in (True, False):
+  from dplora_jax import config as config_lib, prefix_cache, train
+
+  def cfg(cache, cache_dir="", examples=None):
     c = tiny_config.get_config("rounds=2,dp_seed=0,agg=ffa")  # only B trains: B0 stays 0
     with c.unlocked():
       c.lora.first_layer = 1
       c.model.cache_prefix = cache
-    cfg = config_lib.from_config_dict(c)
-    results[cache] = train.run(cfg, str(tmp_path / str(cache)), progress=False)
+      c.model.prefix_cache_dir = cache_dir
+      if examples is not None:
+        c.data.max_train_examples = examples
+    return config_lib.from_config_dict(c)
+
+  kept = str(tmp_path / "kept")
+  results = {cache: train.run(cfg(cache, kept if cache else ""), str(tmp_path / str(cache)),
+                              progress=False) for cache in (True, False)}
   cached, recomputed = (_per_layer(results[c].state.lora) for c in (True, False))
   for a, b in zip(cached, recomputed):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert np.all(a[0] == 0.0) and np.abs(a[1]).max() > 0  # B: layer 0 stays at its zero init
+  # the activations were kept, owner-only; a second run on the same rows reads them (computing
+  # is refused) and trains to the same adapter, bit for bit
+  files = os.listdir(kept)
+  assert len(files) == 1 and files[0].startswith("prefix-") and files[0].endswith(".npy")
+  assert stat.S_IMODE(os.stat(kept).st_mode) == 0o700
+  assert stat.S_IMODE(os.stat(os.path.join(kept, files[0])).st_mode) == 0o600
+  real_compute = prefix_cache.compute
+
+  def refuse(*a, **k):
+    raise AssertionError("recomputed although kept")
+  monkeypatch.setattr(prefix_cache, "compute", refuse)
+  again = train.run(cfg(True, kept), str(tmp_path / "again"), progress=False)
+  for a, b in zip(cached, _per_layer(again.state.lora)):
+    np.testing.assert_array_equal(a, b)
+  # other rows are another key: computed and kept beside, never read from the first file
+  monkeypatch.setattr(prefix_cache, "compute", real_compute)
+  train.run(cfg(True, kept, examples=320), str(tmp_path / "other"), progress=False)
+  assert len(os.listdir(kept)) == 2
+  # a damaged file is recomputed and replaced, not read
+  path = os.path.join(kept, files[0])
+  with open(path, "r+b") as f:
+    f.truncate(200)
+  calls = []
+  monkeypatch.setattr(prefix_cache, "compute", lambda *a, **k: calls.append(1) or
+                      real_compute(*a, **k))
+  train.run(cfg(True, kept), str(tmp_path / "damaged"), progress=False)
+  assert calls and os.path.getsize(path) > 200
   summary = results[True].summary
   assert summary["lora_params"] == lora_lib.trained_params(results[True].state.lora, 1)

@@ -119,3 +119,18 @@ def test_config_arg_points_run_get_config_with_their_args():
   assert sweep.Point("x", {"a.b": 1}).spec("f.py:k=1") == "f.py:k=1"
   with pytest.raises(ValueError, match="axis 'config_arg': expected config file args"):
     sweep.expand({sweep.ARG: ["task"]})
+
+
+def test_every_point_is_told_where_the_frozen_prefix_is_kept():
+  from dplora_jax import config_files
+  points = sweep.expand(_grid())
+  for p in points:
+    cmd = sweep.command(CONFIG, p, "root", "/data/cache")
+    assert "--config.model.prefix_cache_dir=/data/cache" in cmd
+    got = config_files.load_with_overrides(p.spec(CONFIG), {"model.prefix_cache_dir":
+                                                            "/data/cache", **p.dotted()})
+    assert got.model.prefix_cache_dir == "/data/cache"
+    assert not any("prefix_cache_dir" in a for a in sweep.command(CONFIG, p, "root"))
+  own = sweep.Point("own", {"model.prefix_cache_dir": "/mine"})
+  cmd = sweep.command(CONFIG, own, "root", "/data/cache")
+  assert [a for a in cmd if "prefix_cache_dir" in a] == ["--config.model.prefix_cache_dir=/mine"]
