@@ -9,7 +9,8 @@ section of the config, s, the chunking, the rows, jax's version), so the next ru
 (about 13 of a run's 28 minutes for the 9,500 finance rows at layer 29 on 2 cores).
 
 What is kept is not a DP release: it is a deterministic function of the private training rows,
-as sensitive as the rows themselves. The files are owner-only (0600 in a 0700 directory), hold
+as sensitive as the rows themselves. The files are owner-only (0600 in a 0700 directory), named
+by a keyed hash (the directory's own random key: a name says nothing of the rows without it), hold
 only the clients of this process, and never enter a workdir, a checkpoint or an export. Keep the
 directory where the data lives, and delete it with the data.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import hmac
 import os
 
 import jax
@@ -61,9 +63,30 @@ def _filled(s, slots: int, rows) -> list[int]:
   return [i for i in (range(slots) if rows is None else rows) if i < len(s.clients)]
 
 
-def key(s, stacked: dict, rows, chunk: int = 32) -> str:
-  """The cache key: a hash of everything the activations depend on."""
-  h = hashlib.sha256(FORMAT)
+def _secret(cache_dir: str) -> bytes:
+  """The directory's own random key (32 bytes in DIR/key, 0600; created by the first run)."""
+  path = os.path.join(cache_dir, "key")
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+  except FileExistsError:
+    with open(path, "rb") as f:
+      secret = f.read()
+    if len(secret) != 32:
+      raise ValueError(f"model.prefix_cache_dir: {path} is not a 32-byte key (damaged, or not "
+                       "written by dplora_jax); remove the directory or choose another.")
+    return secret
+  secret = os.urandom(32)
+  with os.fdopen(fd, "wb") as f:
+    f.write(secret)
+  return secret
+
+
+def key(s, stacked: dict, rows, secret: bytes, chunk: int = 32) -> str:
+  """The cache key: a keyed hash (HMAC-SHA256 under the directory's secret) of everything the
+  activations depend on. Keyed, because a plain hash of the rows would be an exact, unnoised
+  statistic of the private data in a file name and a log line: whoever knew all rows but one
+  could test each candidate for it."""
+  h = hmac.new(secret, FORMAT, hashlib.sha256)
   model = {k: v for k, v in dataclasses.asdict(s.cfg.model).items() if k not in _EXECUTION_ONLY}
   h.update(repr((sorted(model.items()), s.cfg.lora.first_layer, chunk, jax.__version__,
                  stacked["tokens"].shape)).encode())
@@ -81,13 +104,14 @@ def key(s, stacked: dict, rows, chunk: int = 32) -> str:
 
 def load_or_compute(s, stacked: dict, rows, cache_dir: str = "",
                     chunk: int = 32) -> tuple[np.ndarray, str]:
-  """(the activations of `compute`, where they came from: "computed", "read from FILE" or
-  "computed, kept in FILE"). Without `cache_dir` this is `compute`. A file that does not read
+  """(the activations of `compute`, where they came from: "computed", "read from DIR" or
+  "computed, kept in DIR"). Without `cache_dir` this is `compute`. A file that does not read
   back whole (a killed writer leaves only a temporary file; a foreign or damaged one fails the
   shape check) is recomputed and replaced."""
   if not cache_dir:
     return compute(s, stacked, rows, chunk), "computed"
-  path = os.path.join(cache_dir, f"prefix-{key(s, stacked, rows, chunk)}.npy")
+  workdir_lib.make_private_dir(cache_dir)
+  path = os.path.join(cache_dir, f"prefix-{key(s, stacked, rows, _secret(cache_dir), chunk)}.npy")
   filled = _filled(s, stacked["tokens"].shape[0], rows)
   if os.path.isfile(path):
     try:
@@ -98,9 +122,8 @@ def load_or_compute(s, stacked: dict, rows, cache_dir: str = "",
     if kept is not None and kept.ndim == 4 and kept.shape[:3] == (len(filled), n, t):
       out = np.zeros((slots, *kept.shape[1:]), kept.dtype)
       out[filled] = kept
-      return out, f"read from {path}"
+      return out, f"read from {cache_dir}"
   out = compute(s, stacked, rows, chunk)
-  workdir_lib.make_private_dir(cache_dir)
   tmp = f"{path}.{os.getpid()}.tmp"
   fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
   try:
@@ -110,4 +133,4 @@ def load_or_compute(s, stacked: dict, rows, cache_dir: str = "",
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  return out, f"computed, kept in {path}"
+  return out, f"computed, kept in {cache_dir}"

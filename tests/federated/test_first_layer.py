@@ -117,10 +117,14 @@ def test_training_with_and_without_the_prefix_cache_gives_the_same_adapter(tmp_p
     assert np.all(a[0] == 0.0) and np.abs(a[1]).max() > 0  # B: layer 0 stays at its zero init
   # the activations were kept, owner-only; a second run on the same rows reads them (computing
   # is refused) and trains to the same adapter, bit for bit
-  files = os.listdir(kept)
-  assert len(files) == 1 and files[0].startswith("prefix-") and files[0].endswith(".npy")
+  def kept_files(d):
+    return sorted(f for f in os.listdir(d) if f.startswith("prefix-") and f.endswith(".npy"))
+  files = kept_files(kept)
+  assert len(files) == 1 and sorted(os.listdir(kept)) == sorted(files + ["key"])
   assert stat.S_IMODE(os.stat(kept).st_mode) == 0o700
-  assert stat.S_IMODE(os.stat(os.path.join(kept, files[0])).st_mode) == 0o600
+  for f in (files[0], "key"):
+    assert stat.S_IMODE(os.stat(os.path.join(kept, f)).st_mode) == 0o600
+  assert os.path.getsize(os.path.join(kept, "key")) == 32
   real_compute = prefix_cache.compute
 
   def refuse(*a, **k):
@@ -132,7 +136,11 @@ def test_training_with_and_without_the_prefix_cache_gives_the_same_adapter(tmp_p
   # other rows are another key: computed and kept beside, never read from the first file
   monkeypatch.setattr(prefix_cache, "compute", real_compute)
   train.run(cfg(True, kept, examples=320), str(tmp_path / "other"), progress=False)
-  assert len(os.listdir(kept)) == 2
+  assert len(kept_files(kept)) == 2
+  # the names are keyed by each directory's own secret: the same rows elsewhere get another name
+  elsewhere = str(tmp_path / "elsewhere")
+  train.run(cfg(True, elsewhere), str(tmp_path / "elsewhere_run"), progress=False)
+  assert kept_files(elsewhere) and not set(kept_files(elsewhere)) & set(kept_files(kept))
   # a damaged file is recomputed and replaced, not read
   path = os.path.join(kept, files[0])
   with open(path, "r+b") as f:
