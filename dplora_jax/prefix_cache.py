@@ -64,20 +64,26 @@ def _filled(s, slots: int, rows) -> list[int]:
 
 
 def _secret(cache_dir: str) -> bytes:
-  """The directory's own random key (32 bytes in DIR/key, 0600; created by the first run)."""
+  """The directory's own random key (32 bytes in DIR/key, 0600), created by the first run: written
+  whole to a temporary file, then linked into place (a run starting beside it reads the whole key
+  or creates it)."""
   path = os.path.join(cache_dir, "key")
-  try:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-  except FileExistsError:
-    with open(path, "rb") as f:
-      secret = f.read()
-    if len(secret) != 32:
-      raise ValueError(f"model.prefix_cache_dir: {path} is not a 32-byte key (damaged, or not "
-                       "written by dplora_jax); remove the directory or choose another.")
-    return secret
-  secret = os.urandom(32)
-  with os.fdopen(fd, "wb") as f:
-    f.write(secret)
+  if not os.path.exists(path):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+      f.write(os.urandom(32))
+    try:
+      os.link(tmp, path)  # fails if another run linked its key first: then that one is read
+    except FileExistsError:
+      pass
+    finally:
+      os.remove(tmp)
+  with open(path, "rb") as f:
+    secret = f.read()
+  if len(secret) != 32:
+    raise ValueError(f"model.prefix_cache_dir: {path} is not a 32-byte key (damaged, or not "
+                     "written by dplora_jax); remove the directory or choose another.")
   return secret
 
 

@@ -150,5 +150,10 @@ def test_training_with_and_without_the_prefix_cache_gives_the_same_adapter(tmp_p
                       real_compute(*a, **k))
   train.run(cfg(True, kept), str(tmp_path / "damaged"), progress=False)
   assert calls and os.path.getsize(path) > 200
+  # a key that is not one is refused, naming the field
+  with open(os.path.join(kept, "key"), "wb") as f:
+    f.write(b"short")
+  with pytest.raises(ValueError, match="model.prefix_cache_dir: .* is not a 32-byte key"):
+    prefix_cache._secret(kept)
   summary = results[True].summary
   assert summary["lora_params"] == lora_lib.trained_params(results[True].state.lora, 1)
