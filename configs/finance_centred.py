@@ -17,7 +17,9 @@ example-level eps 8 at delta 1e-5 (PLD, truncated Poisson accounted).
 The noise is added once by a trusted aggregator (`dp.noise_at='server'`: it sees each client's
 clipped, un-noised gradient sum and the centre's sums; eps holds against everyone else); with
 `noise_at=client` each client adds its own (the deployment's trust, sqrt(5) more noise in the
-average). `make demo` (configs/demo.py) is this recipe cut to 10 minutes.
+average). `make demo` (configs/demo.py) is this recipe cut to 10 minutes. The sweep's points
+share one frozen prefix (computed by the first, read from WORKDIR/prefix_cache by the others:
+`model.prefix_cache_dir`; as sensitive as the rows, delete it with them).
 """
 
 import ml_collections
