@@ -3,10 +3,11 @@
 With `lora.first_layer` s > 0 nothing below layer s trains, so each client's activations entering
 layer s are a fixed function of its rows and the base weights (`lora.frozen_prefix`): `compute`
 runs layers [0, s) once per run instead of at every step. With `model.prefix_cache_dir` they are
-also kept on disk, under a key of everything they depend on (the frozen weights' bytes, the model
-section of the config, s, the chunking, the rows, jax's version), so the next run on the same rows
-(a sweep's other points: another eps, clip or learning rate) reads them instead of recomputing
-(about 13 of a run's 28 minutes for the 9,500 finance rows at layer 29 on 2 cores).
+also kept on disk, under a key of everything they depend on (the frozen weights' bytes, the LoRA
+factors below s where their B is not zero, the model section of the config, s, the chunking, the
+rows, jax's version), so the next run on the same rows (a sweep's other points: another eps, clip
+or learning rate) reads them instead of recomputing (about 13 of a run's 28 minutes for the 9,500
+finance rows at layer 29 on 2 cores).
 
 What is kept is not a DP release: it is a deterministic function of the private training rows,
 as sensitive as the rows themselves. The files are owner-only (0600 in a 0700 directory), named
@@ -96,10 +97,20 @@ def key(s, stacked: dict, rows, secret: bytes, chunk: int = 32) -> str:
   model = {k: v for k, v in dataclasses.asdict(s.cfg.model).items() if k not in _EXECUTION_ONLY}
   h.update(repr((sorted(model.items()), s.cfg.lora.first_layer, chunk, jax.__version__,
                  stacked["tokens"].shape)).encode())
-  for path, leaf in jax.tree_util.tree_leaves_with_path(s.frozen):
-    a = np.asarray(leaf)
-    h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}".encode())
-    h.update(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
+  # the frozen weights; and the LoRA factors of the frozen layers (leading layer axis [L, ...])
+  # with their scaling, unless every B there is zero (a random init: then they add exactly 0,
+  # whatever A and the seed; `lora.init_from` may bring nonzero ones)
+  below = jax.tree_util.tree_leaves_with_path(
+      jax.tree.map(lambda a: np.asarray(a[:s.cfg.lora.first_layer]), s.lora))
+  trees = [jax.tree_util.tree_leaves_with_path(s.frozen)]
+  if any(np.any(a != 0) for p, a in below if "lora_b" in jax.tree_util.keystr(p)):
+    h.update(repr((s.cfg.lora.alpha, s.cfg.lora.rank, s.cfg.lora.use_rslora)).encode())
+    trees.append(below)
+  for leaves in trees:
+    for path, leaf in leaves:
+      a = np.asarray(leaf)
+      h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}".encode())
+      h.update(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
   for i in _filled(s, stacked["tokens"].shape[0], rows):
     n = len(s.clients[i])
     h.update(f"slot {i}: {n} rows".encode())

@@ -157,3 +157,44 @@ def test_training_with_and_without_the_prefix_cache_gives_the_same_adapter(tmp_p
     prefix_cache._secret(kept)
   summary = results[True].summary
   assert summary["lora_params"] == lora_lib.trained_params(results[True].state.lora, 1)
+
+
+def test_the_kept_prefix_key_covers_what_the_prefix_depends_on():
+  """The key changes with the rows, the frozen weights and nonzero LoRA factors below the first
+  trained layer (an adapter loaded with `lora.init_from`: the prefix then differs), and not with
+  a random A below it whose B is zero (it adds exactly 0: replicates of other seeds share it)."""
+  import dataclasses
+  import types
+
+  from configs import tiny as tiny_config
+  from dplora_jax import config as config_lib, prefix_cache
+  c = tiny_config.get_config("rounds=1")
+  with c.unlocked():
+    c.lora.first_layer = 1
+  cfg = config_lib.from_config_dict(c)
+  ex = tiny.examples(6)
+  stacked = {k: v[None] for k, v in ex.items()}  # one slot of 6 rows
+
+  def setup(lora_seed=0, perturb=False, cfg=cfg, frozen_scale=1.0):
+    g, _, frozen = tiny.model_and_lora(first_layer=1)
+    _, lora, _ = tiny.model_and_lora(seed=lora_seed, perturb=perturb, first_layer=1)
+    frozen = jax.tree.map(lambda a: a * frozen_scale, frozen)
+    return types.SimpleNamespace(cfg=cfg, graphdef=g, lora=lora, frozen=frozen, clients=[range(6)])
+
+  secret = b"k" * 32
+  key = lambda s, st=stacked: prefix_cache.key(s, st, None, secret)
+  base = setup()
+  assert key(setup(lora_seed=1)) == key(base)  # another random A below, B = 0 there
+  assert key(setup(perturb=True)) != key(base)  # nonzero B below: another prefix
+  assert not np.allclose(prefix_cache.compute(setup(perturb=True), stacked, None, chunk=8),
+                         prefix_cache.compute(base, stacked, None, chunk=8))
+  assert key(setup(frozen_scale=1.01)) != key(base)
+  other = dict(stacked, tokens=stacked["tokens"].copy())
+  other["tokens"][0, 3, 0] += 1
+  assert key(base, other) != key(base)
+  assert prefix_cache.key(base, stacked, None, b"j" * 32) != key(base)
+  other_model = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                   attention="dot_product"))
+  assert key(setup(cfg=other_model)) != key(base)
+  execution_only = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=True))
+  assert key(setup(cfg=execution_only)) == key(base)
