@@ -2,7 +2,8 @@
 
   python -m launch.train --config configs/finance_centred.py --workdir runs/tfns_centred
   python -m launch.train --config configs/finance_centred.py:eps=2,noise_at=client --workdir runs/X
-  python -m launch.sweep --config configs/finance_centred.py --workdir runs/tfns_centred_sweep
+  python -m launch.sweep --config configs/finance_centred.py --workdir runs/tfns_centred_sweep \
+      --prefix-cache runs/tfns_prefix
 
 SmolLM2-135M-Instruct, 5 clients, 9,500 TFNS training rows (1,900 per client), 480 held-out
 validation rows; ~13 min of frozen prefix and ~13 min of rounds on a 2-core CPU. One trained layer
@@ -17,9 +18,9 @@ example-level eps 8 at delta 1e-5 (PLD, truncated Poisson accounted).
 The noise is added once by a trusted aggregator (`dp.noise_at='server'`: it sees each client's
 clipped, un-noised gradient sum and the centre's sums; eps holds against everyone else); with
 `noise_at=client` each client adds its own (the deployment's trust, sqrt(5) more noise in the
-average). `make demo` (configs/demo.py) is this recipe cut to 10 minutes. The sweep's points
-share one frozen prefix (computed by the first, read from WORKDIR/prefix_cache by the others:
-`model.prefix_cache_dir`; as sensitive as the rows, delete it with them).
+average). `make demo` (configs/demo.py) is this recipe cut to 10 minutes. With `--prefix-cache`
+the sweep's points share one frozen prefix (computed by the first, read by the others:
+`model.prefix_cache_dir`; ~1.3 GB, as sensitive as the rows: delete it with them).
 """
 
 import ml_collections

@@ -5,10 +5,14 @@
 
 Rerunning skips finished points and resumes killed ones from their checkpoints. DIR gets
 points/NAME/ (each a launch.train workdir with its log.txt), results.csv, results.md,
-utility_vs_eps.png, bytes_vs_rank.png, rounds.png and, with lora.first_layer > 0, prefix_cache/
-(the frozen layers' activations of the training rows, shared by the points: as sensitive as the
-data; delete it with the data). --list prints the points and exits;
+utility_vs_eps.png, bytes_vs_rank.png and rounds.png. --list prints the points and exits;
 --only task=piqa runs (and tabulates) only the points whose name has that part.
+
+With lora.first_layer > 0, `--prefix-cache DIR` lets the points share the frozen layers'
+activations (`model.prefix_cache_dir`): the first point on the same rows computes them, the
+others read them. They are as sensitive as the training rows (not a DP release), so they are
+never kept unless asked: choose a DIR where the data lives (not inside a directory you will share)
+and delete it with the data.
 """
 
 import argparse
@@ -28,11 +32,11 @@ def main(argv=None) -> int:
   p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                  help="run only the points whose name has this part (e.g. task=piqa); "
                       "repeatable (all must match)")
-  p.add_argument("--prefix-cache", default=None, metavar="DIR",
+  p.add_argument("--prefix-cache", default="", metavar="DIR",
                  help="where the points keep the frozen prefix's activations (with "
                       "lora.first_layer > 0), computed by the first point on the same rows and "
-                      "read by the others; as sensitive as the training data (owner-only). "
-                      "Default: WORKDIR/prefix_cache; '' never keeps them")
+                      "read by the others; as sensitive as the training data (owner-only files). "
+                      "Default: never kept")
   p.add_argument("--list", action="store_true", help="print the points and exit")
   p.add_argument("--debug", action="store_true", help="show the traceback of an error")
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -43,11 +47,9 @@ def main(argv=None) -> int:
     for pt in points:
       print(pt.name, pt.overrides)
     return 0
-  cache = (os.path.join(os.path.abspath(args.workdir), "prefix_cache")
-           if args.prefix_cache is None else args.prefix_cache)
   status = sweep.run(args.config, args.workdir, points, parallel=args.parallel,
                      echo=lambda s: print(s, flush=True),
-                     prefix_cache_dir=cache and os.path.abspath(cache))
+                     prefix_cache_dir=args.prefix_cache and os.path.abspath(args.prefix_cache))
   rows = sweep.collect(args.workdir, points, title=f"sweep of {args.config}")
   print(f"{len(rows)} of {len(points)} points finished; results: {args.workdir}/results.md, "
         f"{args.workdir}/results.csv, plots: {args.workdir}/*.png")
