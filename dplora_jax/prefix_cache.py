@@ -71,8 +71,7 @@ def _secret(cache_dir: str) -> bytes:
   path = os.path.join(cache_dir, "key")
   if not os.path.exists(path):
     tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    with workdir_lib.private_open(tmp, "wb") as f:
       f.write(os.urandom(32))
     try:
       os.link(tmp, path)  # fails if another run linked its key first: then that one is read
@@ -131,8 +130,8 @@ def load_or_compute(s, stacked: dict, rows, cache_dir: str = "",
   path = os.path.join(cache_dir, f"prefix-{key(s, stacked, rows, _secret(cache_dir), chunk)}.npy")
   filled = _filled(s, stacked["tokens"].shape[0], rows)
   if os.path.isfile(path):
-    try:
-      kept = np.load(path, allow_pickle=False)
+    try:  # mapped: read once, straight into `out`
+      kept = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError):
       kept = None
     slots, n, t = stacked["tokens"].shape
@@ -142,9 +141,8 @@ def load_or_compute(s, stacked: dict, rows, cache_dir: str = "",
       return out, f"read from {cache_dir}"
   out = compute(s, stacked, rows, chunk)
   tmp = f"{path}.{os.getpid()}.tmp"
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
   try:
-    with os.fdopen(fd, "wb") as f:
+    with workdir_lib.private_open(tmp, "wb") as f:
       np.save(f, out[filled], allow_pickle=False)
     os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
   finally:

@@ -27,11 +27,12 @@ def make_private_dir(path: str):
 
 
 def private_open(path: str, mode: str = "w"):
-  """open() for a file the run writes: created 0600, and made 0600 if it already exists."""
+  """open() for a file the run writes: created 0600, and made 0600 if it already exists (text,
+  or bytes with a "b" mode)."""
   fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC),
                0o600)
   os.fchmod(fd, 0o600)
-  return os.fdopen(fd, mode, encoding="utf-8")
+  return os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
 
 
 def restrict_tree(path: str):
