@@ -27,7 +27,7 @@ import os
 import jax
 import numpy as np
 
-from dplora_jax import lora as lora_lib, workdir as workdir_lib
+from dplora_jax import lora as lora_lib, report, workdir as workdir_lib
 from dplora_jax.data import buckets as buckets_lib
 
 FORMAT = b"dplora-prefix-cache-v1"
@@ -149,3 +149,10 @@ def load_or_compute(s, stacked: dict, rows, cache_dir: str = "",
     if os.path.exists(tmp):
       os.remove(tmp)
   return out, f"computed, kept in {cache_dir}"
+
+
+def progress_line(first_layer: int, source: str, hidden: np.ndarray, seconds: float) -> str:
+  """The run's line about the prefix. Its size is given per example ([T, D]): the array's total
+  follows the largest client's size, which is private (client sizes are never released)."""
+  return (f"frozen layers 0-{first_layer - 1}: each client's activations {source} "
+          f"({report.human_bytes(hidden[0, 0].nbytes)} per example, {seconds:.0f} s)")

@@ -151,9 +151,8 @@ def _run(cfg, workdir, progress, extra_train, ckpt, t_start):
     stacked["hidden"], source = prefix_cache.load_or_compute(s, stacked, owned,
                                                              cfg.model.prefix_cache_dir)
     if progress and main:
-      print(f"frozen layers 0-{cfg.lora.first_layer - 1}: each client's activations {source} "
-            f"({report.human_bytes(stacked['hidden'].nbytes)}, {time.time() - t0:.0f} s)",
-            flush=True)
+      print(prefix_cache.progress_line(cfg.lora.first_layer, source, stacked["hidden"],
+                                       time.time() - t0), flush=True)
   if cfg.lora.centre != "none":  # before anything evaluates or trains: part of the model
     centre_lib.ensure(cfg, s, stacked, randomness.centre_key, workdir, main, progress,
                       resumed=meta is not None)

@@ -198,3 +198,10 @@ def test_the_kept_prefix_key_covers_what_the_prefix_depends_on():
   assert key(setup(cfg=other_model)) != key(base)
   execution_only = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=True))
   assert key(setup(cfg=execution_only)) == key(base)
+
+
+def test_the_prefix_line_does_not_tell_the_largest_client_size():
+  from dplora_jax import prefix_cache
+  small, large = np.zeros((4, 10, 48, 16), np.float32), np.zeros((4, 37, 48, 16), np.float32)
+  assert prefix_cache.progress_line(3, "computed", small, 2.0) == \
+      prefix_cache.progress_line(3, "computed", large, 2.0)
